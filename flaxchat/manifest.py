@@ -78,7 +78,7 @@ def verify_files(manifest: dict[str, Any], local_dir: str | None = None) -> None
         path = storage.join(root, rel)
         if not storage.exists(path):
             raise ManifestError(f"{path} listed in the {manifest['stage']} manifest is missing; rerun that stage")
-        actual = storage.sha256_uri(path)
+        actual = storage.sha256_file(path)
         if actual != expected:
             raise ManifestError(f"{path} fails its checksum (manifest {expected[:12]}…, file {actual[:12]}…): "
                                 f"it was modified after the {manifest['stage']} stage wrote it; rerun that stage")

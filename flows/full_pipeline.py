@@ -9,6 +9,7 @@ manifest's `uri`; the artifacts stay small. Consumers read upstream manifests on
     python flows/full_pipeline.py resume            # finished steps are cloned, not rerun
 """
 
+import contextlib
 import getpass
 import os
 import subprocess
@@ -21,6 +22,7 @@ if (os.environ.get("METAFLOW_USER") or os.environ.get("USERNAME") or os.environ.
 
 import yaml  # noqa: E402
 from metaflow import Config, FlowSpec, Parameter, card, current, step  # noqa: E402
+from metaflow.exception import MetaflowException  # noqa: E402
 
 from flaxchat.config import PipelineConfig, build_config  # noqa: E402
 
@@ -32,6 +34,20 @@ def _git_revision() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+class PipelineInputError(MetaflowException):
+    headline = "flaxchat: bad input"
+
+
+@contextlib.contextmanager
+def clear_errors():
+    """Our ValueErrors (ConfigError, DataError, ManifestError, …) already say what is wrong and
+    how to fix it: show that one line instead of a traceback."""
+    try:
+        yield
+    except ValueError as exc:
+        raise PipelineInputError(f"{type(exc).__name__}: {exc}") from None
 
 
 class FullPipelineFlow(FlowSpec):
@@ -61,8 +77,9 @@ class FullPipelineFlow(FlowSpec):
     @step
     def start(self):
         """Resolve and validate the whole config once; every stage reads this copy."""
-        cfg = build_config(self.preset, depth=self.depth or None, overrides=dict(self.overrides or {}),
-                           artifact_root=self.artifact_root)
+        with clear_errors():
+            cfg = build_config(self.preset, depth=self.depth or None, overrides=dict(self.overrides or {}),
+                               artifact_root=self.artifact_root)
         self.pipeline_config = cfg.to_dict()
         root = cfg.artifact_root if "://" in cfg.artifact_root else os.path.abspath(cfg.artifact_root)
         self.artifact_base = root.rstrip("/")
@@ -80,7 +97,8 @@ class FullPipelineFlow(FlowSpec):
         """Train the BPE tokenizer; report held-out bytes/token."""
         from steps import tokenizer
         from flows.cards import tokenizer_card
-        self.tokenizer = tokenizer.run(self._config(), {}, self._stage_uri("tokenizer"))
+        with clear_errors():
+            self.tokenizer = tokenizer.run(self._config(), {}, self._stage_uri("tokenizer"))
         for component in tokenizer_card(self.tokenizer):
             current.card["tokenizer"].append(component)
         self.next(self.end)

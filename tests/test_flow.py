@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from card_utils import card_text
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = str(ROOT / "flows" / "full_pipeline.py")
 
@@ -23,15 +25,15 @@ TINY = {
 
 @pytest.fixture()
 def mf_env(tmp_path, monkeypatch):
-    env = {
-        "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"),
-        "METAFLOW_USER": "tester",
-        "METAFLOW_DEFAULT_METADATA": "local",
-        "METAFLOW_DEFAULT_DATASTORE": "local",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    # the datastore/card roots come from tests/conftest.py (metaflow reads them at import)
+    keys = ("METAFLOW_DATASTORE_SYSROOT_LOCAL", "METAFLOW_USER",
+            "METAFLOW_DEFAULT_METADATA", "METAFLOW_DEFAULT_DATASTORE")
+    env = {k: os.environ[k] for k in keys}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    # Cards live in the `.metaflow` dir found from the working directory (setting
+    # METAFLOW_CARD_LOCALROOT breaks the reader in metaflow 2.19), so writer and reader
+    # both work from the datastore root.
+    monkeypatch.chdir(env["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
     return env
 
 
@@ -47,7 +49,7 @@ def _config_file(tmp_path, extra=None):
 
 def _runner(mf_env, tmp_path, extra=None):
     from metaflow import Runner
-    return Runner(FLOW, show_output=False, env=mf_env, cwd=str(tmp_path),
+    return Runner(FLOW, show_output=False, env=mf_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"],
                   config=[("config", _config_file(tmp_path, extra))])
 
 
@@ -78,8 +80,9 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     assert tok.decode(tok.encode("Once upon a time")) == "Once upon a time"
 
     cards = get_cards(run["tokenizer"].task, id="tokenizer")
-    html = cards[0].get()
-    assert "bytes/token" in html
+    shown = card_text(cards[0].get())
+    assert "bytes/token" in shown and "Sample split" in shown
+    assert f"{manifest['metrics']['bytes_per_token']:.3f}" in shown
 
 
 def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
@@ -94,11 +97,16 @@ def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
     runner = _runner(mf_env, tmp_path, {"data": {"source": str(data_dir)}})
     with runner.run(preset="demo", artifact_root=str(tmp_path / "art")) as first:
         assert first.status == "failed"
-        assert "no parquet files" in first.stderr or "no parquet" in first.stdout + first.stderr
         origin_id = first.run.id
+        log = first.run["tokenizer"].task.stderr
+    assert "DataError: data source" in log and "no .parquet files" in log
+    assert "Traceback" not in log
 
     write_demo_shards(str(data_dir), seed=1, n_docs=400, n_val_docs=40)
-    with runner.resume() as resumed:
+    from metaflow import Runner
+    # resume takes the origin run's parameters and config; passing --config again is refused
+    resumer = Runner(FLOW, show_output=False, env=mf_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
+    with resumer.resume(origin_run_id=origin_id) as resumed:
         assert resumed.status == "successful", resumed.stderr
         new_id = resumed.run.id
     namespace(None)
@@ -106,8 +114,9 @@ def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
     assert new_id != origin_id
     start_meta = {m.name: m.value for m in run["start"].task.metadata}
     tok_meta = {m.name: m.value for m in run["tokenizer"].task.metadata}
-    assert start_meta.get("origin-run-id") == origin_id      # cloned
-    assert "origin-run-id" not in tok_meta                   # rerun
+    # a cloned task records the origin task it copies; a rerun task only the origin run
+    assert start_meta.get("origin-run-id") == origin_id and "origin-task-id" in start_meta
+    assert tok_meta.get("origin-run-id") == origin_id and "origin-task-id" not in tok_meta
     manifest = run["tokenizer"].task.data.tokenizer
     # a rerun stage writes under its own run id, never into the origin run's outputs
     assert f"/{new_id}/tokenizer" in manifest["uri"]
@@ -116,6 +125,7 @@ def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
 def test_unknown_preset_fails_the_run_with_a_clear_error(mf_env, tmp_path):
     with _runner(mf_env, tmp_path).run(preset="gigantic", artifact_root=str(tmp_path / "art")) as running:
         assert running.status == "failed"
-        out = running.stdout + running.stderr
-    assert "unknown preset 'gigantic'" in out
+        log = running.run["start"].task.stderr
+    assert "ConfigError: unknown preset 'gigantic'; choose one of: demo" in log
+    assert "Traceback" not in log
     assert not (tmp_path / "art").exists()

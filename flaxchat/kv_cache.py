@@ -1,0 +1,84 @@
+"""KV cache and the cached forward (prefill a chunk, then decode one token at a time).
+
+The cache is a pytree of fixed-shape arrays, so one jitted `decode` serves every step (its shapes
+only change with the chunk length T; decode uses T=1):
+  k, v        (L, B, max_len, Hkv, D)  compute dtype; keys are stored after RoPE + QK-norm
+  pos         (B,) int32              tokens already in the cache, per row (rows may differ)
+  prev_embed  (B, C)                  last written token's normed, pre-smear embedding (for smear)
+
+`decode(params, spec, cache, idx)` writes the chunk's k/v at positions pos..pos+T-1 of each row and
+attends over the whole cache with a causal+window mask built from absolute positions, so it equals
+the full forward pass (tests/test_decode.py). Unlike nanochat's engine, a chunk that starts at
+pos > 0 also smears its first token with the cached previous embedding, so chunked prefill is exact.
+Writes past max_len are dropped: the caller (engine) must keep pos + T <= max_len.
+
+The per-layer cache slices are carried through the layer scan and updated with an in-place scatter;
+jit with `donate_argnums` on the cache (see `jit_decode`) so XLA reuses its buffers step to step.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from flaxchat.attention import cached_attention, rope_cos_sin
+from flaxchat.model import (ModelSpec, block_out, block_qkv, embed_tokens, head, layer_inputs, smear,
+                            value_embedding)
+
+
+class KVCache(NamedTuple):
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    prev_embed: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(spec: ModelSpec, batch_size: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens."""
+    dtype = dtype or spec.dtype
+    shape = (spec.n_layer, batch_size, max_len, spec.n_kv_head, spec.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   pos=jnp.zeros((batch_size,), jnp.int32),
+                   prev_embed=jnp.zeros((batch_size, spec.n_embd), spec.dtype))
+
+
+def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Run idx (B,T) through the model after what the cache holds. -> (logits (B,T,vocab) fp32, cache)."""
+    s = spec
+    B, T = idx.shape
+    positions = cache.pos[:, None] + jnp.arange(T, dtype=jnp.int32)[None]      # (B,T)
+    x_emb = embed_tokens(params, s, idx)
+    prev = jnp.concatenate([cache.prev_embed[:, None].astype(x_emb.dtype), x_emb[:, :-1]], axis=1)
+    x0 = smear(params, s, x_emb, prev, positions > 0)
+    cos, sin = rope_cos_sin(positions, s.head_dim)                             # (B,T,1,D/2)
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
+
+    def body(carry, layer):
+        x, x_mid, k_all, v_all = carry
+        ve_row, ve_gate = value_embedding(params, layer, idx)
+        x, q, k, v = block_qkv(s, layer, x, x0, ve_row, ve_gate, cos, sin)
+        lid = layer["layer_id"]
+        k_all = k_all.at[lid, rows, positions].set(k.astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[lid, rows, positions].set(v.astype(v_all.dtype), mode="drop")
+        k_l = jax.lax.dynamic_index_in_dim(k_all, lid, 0, keepdims=False).astype(q.dtype)
+        v_l = jax.lax.dynamic_index_in_dim(v_all, lid, 0, keepdims=False).astype(q.dtype)
+        y = cached_attention(q, k_l, v_l, positions, layer["window"])
+        x = block_out(s, layer, x, y)
+        x_mid = jnp.where(lid == s.backout_layer, x, x_mid)
+        return (x, x_mid, k_all, v_all), None
+
+    init = (x0, jnp.zeros_like(x0), cache.k, cache.v)
+    (x, x_mid, k_all, v_all), _ = jax.lax.scan(body, init, layer_inputs(params, s))
+    logits = head(params, s, x, x_mid)
+    return logits, KVCache(k=k_all, v=v_all, pos=cache.pos + T, prev_embed=x_emb[:, -1])
+
+
+def jit_decode(spec: ModelSpec):
+    """decode jitted for `spec`, donating the cache buffers: fn(params, cache, idx) -> (logits, cache)."""
+    return jax.jit(lambda params, cache, idx: decode(params, spec, cache, idx), donate_argnums=(1,))

@@ -1,0 +1,373 @@
+"""The GPT, numerically faithful to nanochat's gpt.py, in Flax NNX with its layers under one scan.
+
+Per token (B batch, T time, C=n_embd, H heads, Hkv kv heads, D head_dim, V padded vocab):
+  x  = rms_norm(wte[idx])                                   (B,T,C)  embedding, normed
+  x += smear_lambda * sigmoid(x[:, :24] @ smear_gate) * x[t-1]        previous token's embedding
+  x0 = x
+  for layer i (one lax.scan over L stacked layers):
+    x  = resid_lambdas[i] * x + x0_lambdas[i] * x0
+    h  = rms_norm(x)
+    q, k, v = h @ c_q (B,T,H,D), h @ c_k, h @ c_v (B,T,Hkv,D)
+    v += 3*sigmoid(h[:, :12] @ ve_gate) * value_embeds[idx]   only on value-embedding layers
+    q, k = 1.2*rms_norm(rope(q)), 1.2*rms_norm(rope(k))
+    x += attn(q, k, v; causal, window_i) @ c_proj
+    x += relu(rms_norm(x) @ c_fc)^2 @ mlp.c_proj              (4C hidden)
+    x_mid = x  if i == L//2                                   (backout capture)
+  logits = 15*tanh((rms_norm(x - backout_lambda*x_mid) @ lm_head)[:vocab] / 15)     fp32
+
+Dtypes: parameters are fp32 masters; matmuls run in the compute dtype (bf16 on GPU/TPU, fp32 on
+CPU); the residual stream is stored in the compute dtype like nanochat's; norms, RoPE, gates,
+softmax, softcap and the loss are computed in fp32.
+
+Why value embeddings live in one stacked table: nanochat has a vocab x kv_dim table only on layers
+i with i % 2 == (L-1) % 2. Stacking them as (n_ve, V, kv_dim) keeps nanochat's exact parameter count
+(no dummy tables for the other layers). Each scanned layer carries a `ve_slot` (-1 = none); the body
+gathers `value_embeds[max(slot,0), idx]` with one gather (the table is never sliced or copied) and
+multiplies the gate by `slot >= 0`, so there is no Python branch per layer. The price is one wasted
+B*T*kv_dim gather and a 12 x Hkv matmul on the layers without one: small next to the c_v matmul.
+`ve_gate` is stacked the same way (n_ve, 12, Hkv) for the same reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import meta as flax_meta
+from flax.core import spmd as flax_spmd
+
+from flaxchat.attention import QK_SCALE, apply_rotary, causal_attention, resolve_attention_impl, rms_norm, rope_cos_sin
+from flaxchat.config import ModelConfig
+
+SMEAR_CHANNELS = 24      # smear gate reads the first 24 channels of the embedding
+VE_GATE_CHANNELS = 12    # value-embedding gate reads the first 12 channels of the block input
+VE_GATE_SCALE = 3.0      # gate = 3 * sigmoid(.), range (0, 3)
+IGNORE_INDEX = -1
+
+
+class ModelSpecError(ValueError):
+    """The model config cannot be built into a GPT; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Static (hashable) shape and policy of a GPT, resolved from ModelConfig. Safe as a jit static arg."""
+    vocab_size: int
+    padded_vocab_size: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    sequence_len: int
+    windows: tuple[int, ...]          # per layer, tokens (FA3 left window; >= T means full causal)
+    softcap: float
+    compute_dtype: str                # "float32" | "bfloat16"
+    remat: str                        # "none" | "full" | "dots"
+    attention_impl: str               # resolved: "xla" | "cudnn" | "splash"
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, backend: str | None = None) -> "ModelSpec":
+        if cfg.vocab_size <= 0:
+            raise ModelSpecError("model.vocab_size is 0: resolve the config first (build_config or set vocab_size)")
+        if cfg.n_embd == 0:
+            cfg = dataclasses.replace(cfg)
+            cfg.derive()
+        if cfg.n_embd < SMEAR_CHANNELS:
+            raise ModelSpecError(f"n_embd={cfg.n_embd} < {SMEAR_CHANNELS}: the smear gate needs a wider model")
+        backend = backend or jax.default_backend()
+        dtype = cfg.compute_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if backend in ("gpu", "cuda", "rocm", "tpu") else "float32"
+        impl = resolve_attention_impl(cfg.attention_impl, jnp.dtype(dtype), backend)
+        return cls(vocab_size=cfg.vocab_size, padded_vocab_size=cfg.padded_vocab_size, n_layer=cfg.depth,
+                   n_embd=cfg.n_embd, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim,
+                   sequence_len=cfg.sequence_len, windows=tuple(cfg.window_sizes()), softcap=float(cfg.softcap),
+                   compute_dtype=dtype, remat=cfg.remat, attention_impl=impl)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_head * self.head_dim
+
+    @property
+    def ve_layers(self) -> tuple[int, ...]:
+        """Layers with a value embedding: alternating, the last layer always included."""
+        return tuple(i for i in range(self.n_layer) if i % 2 == (self.n_layer - 1) % 2)
+
+    @property
+    def ve_slots(self) -> tuple[int, ...]:
+        """Per layer: index into the stacked value_embeds table, or -1."""
+        slot = {layer: j for j, layer in enumerate(self.ve_layers)}
+        return tuple(slot.get(i, -1) for i in range(self.n_layer))
+
+    @property
+    def distinct_windows(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.windows)))
+
+    @property
+    def window_slots(self) -> tuple[int, ...]:
+        return tuple(self.distinct_windows.index(w) for w in self.windows)
+
+    @property
+    def backout_layer(self) -> int:
+        return self.n_layer // 2
+
+
+def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A Param carrying logical axis names; sharded eagerly only when a mesh and axis rules are active
+    (the mesh module supplies both), otherwise the names are metadata for nnx.get_partition_spec."""
+    eager = flax_meta.get_global_mesh() is not None and bool(flax_spmd.get_logical_axis_rules())
+    return nnx.Param(value, out_sharding=axes, eager_sharding=eager)
+
+
+def init_params(spec: ModelSpec, key: jax.Array) -> dict[str, Any]:
+    """nanochat's init_weights as a pure function of a PRNG key -> nested dict of fp32 arrays.
+
+    wte ~ N(0, 0.8); lm_head ~ N(0, 0.001); c_q/c_k/c_v/value_embeds ~ U(-b, b) with
+    b = sqrt(3)/sqrt(n_embd) (the std of N(0, 1/sqrt(n_embd))); c_fc ~ U(-0.4b, 0.4b); both output
+    projections zero; ve_gate and smear_gate ~ U(0, 0.02); resid_lambdas 1.15 -> 1.05 and
+    x0_lambdas 0.20 -> 0.05 linearly over layers; smear_lambda 0; backout_lambda 0.2."""
+    s = spec
+    L, C, Vp, HD, n_ve = s.n_layer, s.n_embd, s.padded_vocab_size, s.n_head * s.head_dim, len(s.ve_layers)
+    b = 3 ** 0.5 * C ** -0.5
+    # Two random draws in total (one normal, one uniform) carved into parameters: each separate
+    # threefry call costs a second or more of XLA compile on CPU, and the count must not grow.
+    normal_shapes = {"wte": ((Vp, C), 0.8), "lm_head": ((C, Vp), 0.001)}
+    uniform_shapes = {
+        "c_q": ((L, C, HD), -b, b), "c_k": ((L, C, s.kv_dim), -b, b), "c_v": ((L, C, s.kv_dim), -b, b),
+        "ve_gate": ((n_ve, VE_GATE_CHANNELS, s.n_kv_head), 0.0, 0.02),
+        "c_fc": ((L, C, 4 * C), -0.4 * b, 0.4 * b), "value_embeds": ((n_ve, Vp, s.kv_dim), -b, b),
+        "smear_gate": ((SMEAR_CHANNELS, 1), 0.0, 0.02),
+    }
+    k_normal, k_uniform = jax.random.split(key)
+    normals = jax.random.normal(k_normal, (sum(np.prod(sh) for sh, _ in normal_shapes.values()),), jnp.float32)
+    uniforms = jax.random.uniform(k_uniform, (sum(np.prod(sh) for sh, _, _ in uniform_shapes.values()),), jnp.float32)
+    out: dict[str, jax.Array] = {}
+    offset = 0
+    for name, (shape, std) in normal_shapes.items():
+        n = int(np.prod(shape))
+        out[name] = std * normals[offset:offset + n].reshape(shape)
+        offset += n
+    offset = 0
+    for name, (shape, lo, hi) in uniform_shapes.items():
+        n = int(np.prod(shape))
+        out[name] = lo + (hi - lo) * uniforms[offset:offset + n].reshape(shape)
+        offset += n
+    ramp = jnp.arange(L, dtype=jnp.float32) / max(L - 1, 1)
+    return {
+        "wte": out["wte"],
+        "lm_head": out["lm_head"],
+        "blocks": {
+            "attn": {"c_q": out["c_q"], "c_k": out["c_k"], "c_v": out["c_v"],
+                     "c_proj": jnp.zeros((L, HD, C), jnp.float32), "ve_gate": out["ve_gate"]},
+            "mlp": {"c_fc": out["c_fc"], "c_proj": jnp.zeros((L, 4 * C, C), jnp.float32)},
+        },
+        "value_embeds": out["value_embeds"],
+        "resid_lambdas": 1.15 - 0.10 * ramp,
+        "x0_lambdas": 0.20 - 0.15 * ramp,
+        "smear_gate": out["smear_gate"],
+        "smear_lambda": jnp.zeros((), jnp.float32),
+        "backout_lambda": jnp.full((), 0.2, jnp.float32),
+    }
+
+
+# Logical axis names per parameter: the contract with flaxchat.mesh (sharding rules) and the
+# optimizer (which groups parameters by these paths).
+PARAM_AXES: dict[str, Any] = {
+    "wte": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "blocks": {
+        "attn": {"c_q": ("layers", "embed", "heads"), "c_k": ("layers", "embed", "kv"),
+                 "c_v": ("layers", "embed", "kv"), "c_proj": ("layers", "heads", "embed"),
+                 "ve_gate": ("layers", None, None)},
+        "mlp": {"c_fc": ("layers", "embed", "mlp"), "c_proj": ("layers", "mlp", "embed")},
+    },
+    "value_embeds": ("layers", "vocab", "kv"),
+    "resid_lambdas": ("layers",),
+    "x0_lambdas": ("layers",),
+    "smear_gate": (None, None),
+    "smear_lambda": (),
+    "backout_lambda": (),
+}
+
+
+class _Group(nnx.Module):
+    """A namespace of Params (blocks, blocks.attn, blocks.mlp)."""
+    def __init__(self, values: dict[str, Any], axes: dict[str, Any]):
+        for name, value in values.items():
+            if isinstance(value, dict):
+                setattr(self, name, _Group(value, axes[name]))
+            else:
+                setattr(self, name, _param(value, axes[name]))
+
+
+class GPT(nnx.Module):
+    """nanochat's GPT. `model(idx)` -> logits (B,T,vocab) fp32; `model(idx, targets)` -> loss.
+
+    Parameters (kernels are (in, out); every block parameter is stacked on a leading layer axis):
+      wte (V,C)  lm_head (C,V)  value_embeds (n_ve,V,kv)  resid_lambdas (L,)  x0_lambdas (L,)
+      smear_gate (24,1)  smear_lambda ()  backout_lambda ()
+      blocks.attn.{c_q (L,C,H*D), c_k (L,C,kv), c_v (L,C,kv), c_proj (L,H*D,C), ve_gate (n_ve,12,Hkv)}
+      blocks.mlp.{c_fc (L,C,4C), c_proj (L,4C,C)}
+    """
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None = None, *, backend: str | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.spec = ModelSpec.from_config(config, backend)
+        # one jitted program for the whole init: eager per-op random calls cost ~1 s of compile each
+        values = jax.jit(init_params, static_argnums=0)(self.spec, rngs.params())
+        for name, value in values.items():
+            if isinstance(value, dict):
+                setattr(self, name, _Group(value, PARAM_AXES[name]))
+            else:
+                setattr(self, name, _param(value, PARAM_AXES[name]))
+
+    def param_tree(self) -> dict[str, Any]:
+        """Plain nested dict of arrays, same structure as nnx.to_pure_dict(nnx.state(model, nnx.Param))."""
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+    def __call__(self, idx: jax.Array, targets: jax.Array | None = None, loss_reduction: str = "mean") -> jax.Array:
+        return gpt_forward(self.param_tree(), self.spec, idx, targets, loss_reduction)
+
+    def init_cache(self, batch_size: int, max_len: int):
+        from flaxchat.kv_cache import init_cache
+        return init_cache(self.spec, batch_size, max_len)
+
+    def decode(self, idx: jax.Array, cache):
+        """Cached forward of idx (B,T) after the cache's contents -> (logits (B,T,vocab), new cache)."""
+        from flaxchat.kv_cache import decode
+        return decode(self.param_tree(), self.spec, cache, idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions: params is the nested dict from GPT.param_tree(); spec is static under jit.
+
+def _mm(x: jax.Array, w: jax.Array, dtype: jnp.dtype, out: jnp.dtype | None = None) -> jax.Array:
+    """x @ w with both operands in the compute dtype (fp32 accumulation), like nanochat's Linear."""
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=out or dtype)
+
+
+def embed_tokens(params: dict, s: ModelSpec, idx: jax.Array) -> jax.Array:
+    """Normed token embedding (B,T,C) in the compute dtype; nanochat stores wte in that dtype."""
+    return rms_norm(params["wte"][idx].astype(s.dtype))
+
+
+def smear(params: dict, s: ModelSpec, x: jax.Array, prev: jax.Array, has_prev: jax.Array) -> jax.Array:
+    """x[t] += smear_lambda * sigmoid(x[t, :24] @ smear_gate) * prev[t]. prev (B,T,C) is each
+    position's previous normed (pre-smear) embedding; has_prev (B|1, T) says whether it exists."""
+    gate = params["smear_lambda"] * jax.nn.sigmoid(_mm(x[..., :SMEAR_CHANNELS], params["smear_gate"], s.dtype, jnp.float32))
+    gate = jnp.where(has_prev[..., None], gate, 0.0)
+    return (x.astype(jnp.float32) + gate * prev.astype(jnp.float32)).astype(s.dtype)
+
+
+def block_qkv(s: ModelSpec, layer: dict, x: jax.Array, x0: jax.Array, ve_row: jax.Array,
+              ve_gate: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, ...]:
+    """Lambda mix + pre-attention half of a block. Returns (x mixed, q, k, v) in compute dtype."""
+    B, T, _ = x.shape
+    p = layer["p"]
+    x = (layer["resid_lambda"] * x.astype(jnp.float32) + layer["x0_lambda"] * x0.astype(jnp.float32)).astype(s.dtype)
+    h = rms_norm(x)
+    q = _mm(h, p["attn"]["c_q"], s.dtype).reshape(B, T, s.n_head, s.head_dim)
+    k = _mm(h, p["attn"]["c_k"], s.dtype).reshape(B, T, s.n_kv_head, s.head_dim)
+    v = _mm(h, p["attn"]["c_v"], s.dtype).reshape(B, T, s.n_kv_head, s.head_dim)
+    gate = VE_GATE_SCALE * jax.nn.sigmoid(_mm(h[..., :VE_GATE_CHANNELS], ve_gate, s.dtype, jnp.float32))
+    gate = jnp.where(layer["ve_slot"] >= 0, gate, 0.0)                    # (B,T,Hkv)
+    ve = ve_row.astype(s.dtype).astype(jnp.float32).reshape(B, T, s.n_kv_head, s.head_dim)
+    v = (v.astype(jnp.float32) + gate[..., None] * ve).astype(s.dtype)
+    q = (QK_SCALE * rms_norm(apply_rotary(q, cos, sin))).astype(s.dtype)
+    k = (QK_SCALE * rms_norm(apply_rotary(k, cos, sin))).astype(s.dtype)
+    return x, q, k, v
+
+
+def block_out(s: ModelSpec, layer: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Attention output projection + MLP half of a block. y (B,T,H,D) -> new residual (B,T,C)."""
+    B, T, _ = x.shape
+    p = layer["p"]
+    x = (x.astype(jnp.float32) + _mm(y.reshape(B, T, -1), p["attn"]["c_proj"], s.dtype, jnp.float32)).astype(s.dtype)
+    hid = jnp.square(jax.nn.relu(_mm(rms_norm(x), p["mlp"]["c_fc"], s.dtype, jnp.float32))).astype(s.dtype)
+    return (x.astype(jnp.float32) + _mm(hid, p["mlp"]["c_proj"], s.dtype, jnp.float32)).astype(s.dtype)
+
+
+def layer_inputs(params: dict, s: ModelSpec) -> dict:
+    """Everything scanned over layers: stacked block weights (minus ve_gate) and per-layer scalars."""
+    blocks = params["blocks"]
+    return {
+        "p": {"attn": {k: v for k, v in blocks["attn"].items() if k != "ve_gate"}, "mlp": blocks["mlp"]},
+        "resid_lambda": params["resid_lambdas"], "x0_lambda": params["x0_lambdas"],
+        "layer_id": jnp.arange(s.n_layer, dtype=jnp.int32),
+        "ve_slot": jnp.asarray(s.ve_slots, jnp.int32),
+        "window_slot": jnp.asarray(s.window_slots, jnp.int32),
+        "window": jnp.asarray(s.windows, jnp.int32),
+    }
+
+
+def value_embedding(params: dict, layer: dict, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """This layer's value-embedding rows (B,T,kv_dim) and gate weight, gathered from the stacked
+    tables in one op each (slot -1 reads slot 0; block_qkv zeroes its gate)."""
+    slot = jnp.maximum(layer["ve_slot"], 0)
+    return params["value_embeds"][slot, idx], params["blocks"]["attn"]["ve_gate"][slot]
+
+
+def remat_wrap(body, s: ModelSpec):
+    if s.remat == "none":
+        return body
+    policy = {"full": jax.checkpoint_policies.nothing_saveable,
+              "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[s.remat]
+    return jax.checkpoint(body, policy=policy, prevent_cse=False)
+
+
+def head(params: dict, s: ModelSpec, x: jax.Array, x_mid: jax.Array) -> jax.Array:
+    """Backout, final norm, lm_head, slice padded vocab, softcap. -> fp32 logits (B,T,vocab)."""
+    x = (x.astype(jnp.float32) - params["backout_lambda"] * x_mid.astype(jnp.float32)).astype(s.dtype)
+    logits = _mm(rms_norm(x), params["lm_head"], s.dtype, jnp.float32)[..., :s.vocab_size]
+    return s.softcap * jnp.tanh(logits / s.softcap)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, reduction: str = "mean") -> jax.Array:
+    """Softmax cross-entropy ignoring target -1, without a one-hot: logsumexp - gathered logit.
+    'mean' averages over non-ignored tokens (0 when none); 'none' gives (B,T) with 0 at ignored."""
+    valid = targets != IGNORE_INDEX
+    safe = jnp.where(valid, targets, 0)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
+    if reduction == "none":
+        return nll
+    if reduction == "sum":
+        return nll.sum()
+    if reduction == "mean":
+        return nll.sum() / jnp.maximum(valid.sum(), 1)
+    raise ValueError(f"loss_reduction={reduction!r} must be 'mean', 'sum' or 'none'")
+
+
+def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array | None = None,
+                loss_reduction: str = "mean") -> jax.Array:
+    """Full-sequence forward. idx (B,T) int32 -> logits (B,T,vocab) fp32, or the loss if targets given."""
+    B, T = idx.shape
+    pos = jnp.arange(T, dtype=jnp.int32)
+    x = embed_tokens(params, s, idx)
+    prev = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+    x0 = x = smear(params, s, x, prev, (pos > 0)[None])
+    cos, sin = rope_cos_sin(pos, s.head_dim)                               # (T,1,D/2)
+
+    def body(carry, layer):
+        x, x_mid = carry
+        ve_row, ve_gate = value_embedding(params, layer, idx)
+        x, q, k, v = block_qkv(s, layer, x, x0, ve_row, ve_gate, cos, sin)
+        y = causal_attention(q, k, v, layer["window_slot"], s.distinct_windows, s.attention_impl)
+        x = block_out(s, layer, x, y)
+        x_mid = jnp.where(layer["layer_id"] == s.backout_layer, x, x_mid)
+        return (x, x_mid), None
+
+    (x, x_mid), _ = jax.lax.scan(remat_wrap(body, s), (x, jnp.zeros_like(x)), layer_inputs(params, s))
+    logits = head(params, s, x, x_mid)
+    if targets is None:
+        return logits
+    return cross_entropy(logits, targets, loss_reduction)

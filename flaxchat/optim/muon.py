@@ -1,0 +1,178 @@
+"""nanochat's Muon step (`muon_step_fused` in nanochat/optim.py) for one stacked matrix leaf.
+
+Order of operations, exactly nanochat's:
+  1. Nesterov momentum:   buf <- lerp(buf, g, 1-mu);  g <- lerp(g, buf, mu)
+  2. cast to the polar dtype (bf16 on accelerators, fp32 on CPU, like nanochat's COMPUTE_DTYPE)
+  3. MuonEq row equilibration: every output row rescaled to the mean row norm ||X||_F / sqrt(rows)
+  4. Polar Express: X / (||X||_F * 1.01 + 1e-6), then 5 quintic iterations with fixed coefficients
+  5. cast back to the param dtype; Muon+ renormalisation: ||g||_F <- sqrt(min(rows, cols))
+  6. NorMuon: factored second moment (per output row, or per input column for wide matrices),
+     beta2 EMA without bias correction, rescale then restore the pre-scaling Frobenius norm
+  7. cautious decoupled weight decay: p <- p - lr*g - lr*wd*p*[g*p >= 0],
+     with lr = lr * sqrt(max(1, rows/cols)).
+
+Layout. nanochat's weights are torch (out, in): "rows" = output features. Flax kernels are
+(in, out), stacked on leading axes (L, in, out). Everything below is written directly in the Flax
+layout as the exact transpose of nanochat's computation: rows = shape[-1] (output dim),
+cols = shape[-2] (input dim). Leading axes are batch (each layer's matrix is independent), so a
+stacked (L, in, out) leaf is L separate Muon updates computed in one batched graph.
+
+Dtypes. Elementwise chains are computed in fp32 and rounded once to the polar dtype where
+nanochat's compiled kernel stores a bf16 tensor; matmuls take and return the polar dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+# (a, b, c) per iteration; Polar Express, arXiv 2505.16932 (num_iters=5, safety 2e-2, cushion 2)
+POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+class MuonShapeError(ValueError):
+    """Muon was given something that is not a (stack of) matrices."""
+
+
+def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) in nanochat's sense for a Flax (..., in, out) kernel: rows = out, cols = in."""
+    if len(shape) < 2:
+        raise MuonShapeError(f"Muon needs a matrix (..., in, out), got shape {tuple(shape)}; "
+                             "route vectors and scalars to an AdamW group")
+    return int(shape[-1]), int(shape[-2])
+
+
+def muon_lr_scale(shape: Sequence[int]) -> float:
+    """nanochat's per-matrix LR factor sqrt(max(1, rows/cols)), rows = output dim (Flax last axis)."""
+    rows, cols = _rows_cols(shape)
+    return max(1.0, rows / cols) ** 0.5
+
+
+def second_moment_axis(shape: Sequence[int]) -> int:
+    """Flax axis the NorMuon second moment is averaged over.
+
+    nanochat keeps one statistic per output row when rows >= cols (mean over the input dim,
+    torch dim -1 == Flax axis -2), else one per input column (mean over the output dim,
+    torch dim -2 == Flax axis -1)."""
+    rows, cols = _rows_cols(shape)
+    return -2 if rows >= cols else -1
+
+
+def second_moment_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape of the factored NorMuon buffer for a param of `shape`: the reduced axis becomes 1.
+    Shard it like the param with the reduced axis replicated."""
+    out = list(shape)
+    out[second_moment_axis(shape)] = 1
+    return tuple(out)
+
+
+def _frobenius(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+
+
+def row_equilibrate(x: jax.Array) -> jax.Array:
+    """MuonEq: scale each output row (Flax column) to the mean row norm ||X||_F / sqrt(rows)."""
+    rows, _ = _rows_cols(x.shape)
+    x32 = x.astype(jnp.float32)
+    target = _frobenius(x32) / (rows ** 0.5)
+    row_norm = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x32), axis=-2, keepdims=True)), 1e-6)
+    scale = (target / row_norm).astype(x.dtype)     # nanochat casts the scale, then multiplies
+    return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def polar_express(x: jax.Array, ns_steps: int = 5) -> jax.Array:
+    """Approximate polar factor of every matrix in `x` (..., in, out), computed in x's dtype.
+
+    Normalises by ||X||_F * 1.01 + 1e-6 first. Uses the smaller Gram matrix, mirroring nanochat's
+    tall/wide branch (its branch condition is on the torch (out, in) shape)."""
+    if not 1 <= ns_steps <= len(POLAR_EXPRESS_COEFFS):
+        raise MuonShapeError(f"ns_steps must be in 1..{len(POLAR_EXPRESS_COEFFS)}, got {ns_steps}")
+    dtype = x.dtype
+    denom = (_frobenius(x).astype(dtype).astype(jnp.float32) * 1.01 + 1e-6)
+    x = (x.astype(jnp.float32) / denom).astype(dtype)
+    n_in, n_out = x.shape[-2], x.shape[-1]
+    xt = lambda m: jnp.swapaxes(m, -1, -2)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
+        if n_in >= n_out:    # torch wide/square (out <= in): Gram over the output dim
+            gram = jnp.matmul(xt(x), x)                                            # (out, out)
+            poly = (b * gram.astype(jnp.float32) + c * jnp.matmul(gram, gram).astype(jnp.float32)).astype(dtype)
+            x = (a * x.astype(jnp.float32) + jnp.matmul(x, poly).astype(jnp.float32)).astype(dtype)
+        else:                # torch tall (out > in): Gram over the input dim
+            gram = jnp.matmul(x, xt(x))                                            # (in, in)
+            poly = (b * gram.astype(jnp.float32) + c * jnp.matmul(gram, gram).astype(jnp.float32)).astype(dtype)
+            x = (a * x.astype(jnp.float32) + jnp.matmul(poly, x).astype(jnp.float32)).astype(dtype)
+    return x
+
+
+def normuon_scale(g: jax.Array, second_moment: jax.Array, beta2: float) -> tuple[jax.Array, jax.Array]:
+    """NorMuon variance reduction. Returns (rescaled g in fp32, new second moment in its dtype)."""
+    axis = second_moment_axis(g.shape)
+    red_size = g.shape[axis]
+    g32 = g.astype(jnp.float32)
+    v_mean = jnp.mean(jnp.square(g32), axis=axis, keepdims=True)
+    v_norm = jnp.sqrt(jnp.sum(v_mean, axis=(-2, -1), keepdims=True) * red_size)
+    buf32 = second_moment.astype(jnp.float32)
+    buf32 = buf32 + (1.0 - jnp.float32(beta2)) * (v_mean - buf32)
+    new_buf = buf32.astype(second_moment.dtype)
+    step_size = jax.lax.rsqrt(jnp.maximum(new_buf.astype(jnp.float32), 1e-10))
+    scaled_sq_sum = (v_mean * red_size) * jnp.square(step_size)
+    v_norm_new = jnp.sqrt(jnp.sum(scaled_sq_sum, axis=(-2, -1), keepdims=True))
+    final_scale = step_size * (v_norm / jnp.maximum(v_norm_new, 1e-10))
+    return g32 * final_scale, new_buf
+
+
+def muon_leaf_update(grad: jax.Array, param: jax.Array, momentum_buffer: jax.Array,
+                     second_moment: jax.Array, *, lr: jax.Array, momentum: jax.Array,
+                     weight_decay: jax.Array, beta2: float = 0.9, ns_steps: int = 5,
+                     polar_dtype: jnp.dtype = jnp.bfloat16) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One Muon step for a (..., in, out) leaf.
+
+    `lr` is the scheduled group LR *before* the sqrt(max(1, rows/cols)) factor (applied here),
+    `momentum` and `weight_decay` the scheduled values for this step. Returns
+    (update to add to `param` (fp32), new momentum buffer, new second moment)."""
+    shape = param.shape
+    _rows_cols(shape)
+    mu = jnp.asarray(momentum, jnp.float32)
+    g32 = grad.astype(jnp.float32)
+    buf32 = momentum_buffer.astype(jnp.float32)
+    buf32 = buf32 + (1.0 - mu) * (g32 - buf32)
+    g32 = g32 + mu * (buf32 - g32)                     # Nesterov
+
+    x = row_equilibrate(g32.astype(polar_dtype))
+    x = polar_express(x, ns_steps)
+    g32 = x.astype(jnp.float32)
+    rows, cols = _rows_cols(shape)
+    target_norm = min(rows, cols) ** 0.5               # Muon+: norm of a semi-orthogonal matrix
+    g32 = g32 * (target_norm / jnp.maximum(_frobenius(g32), 1e-6))
+    g32, new_second = normuon_scale(g32, second_moment, beta2)
+
+    p32 = param.astype(jnp.float32)
+    lr_eff = jnp.asarray(lr, jnp.float32) * jnp.float32(muon_lr_scale(shape))
+    wd = jnp.asarray(weight_decay, jnp.float32)
+    cautious = (g32 * p32 >= 0).astype(jnp.float32)   # decay only where update and weight agree in sign
+    update = -(lr_eff * g32 + lr_eff * wd * p32 * cautious)
+    return update, buf32.astype(momentum_buffer.dtype), new_second
+
+
+def polar_dtype_for(compute_dtype: str, backend: str | None = None) -> jnp.dtype:
+    """nanochat runs Polar Express in bf16 when its compute dtype is bf16, else fp32.
+    `compute_dtype` is ModelConfig.compute_dtype ("auto" = bf16 on GPU/TPU, fp32 on CPU)."""
+    if compute_dtype == "auto":
+        backend = backend or jax.default_backend()
+        compute_dtype = "bfloat16" if backend in ("gpu", "cuda", "rocm", "tpu") else "float32"
+    if compute_dtype not in ("bfloat16", "float32"):
+        raise MuonShapeError(f"polar dtype must be 'bfloat16' or 'float32', got {compute_dtype!r}")
+    return jnp.dtype(compute_dtype)
+
+
+__all__ = ["POLAR_EXPRESS_COEFFS", "MuonShapeError", "muon_leaf_update", "muon_lr_scale", "normuon_scale",
+           "polar_dtype_for", "polar_express", "row_equilibrate", "second_moment_axis", "second_moment_shape"]

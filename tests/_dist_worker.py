@@ -1,0 +1,125 @@
+"""Helper process for tests/test_distributed.py (and shared tiny-model helpers for test_mesh.py).
+
+Run as a script it does one data-parallel SGD step of the tiny GPT on its share of a
+fixed global batch and prints one JSON line: the loss and a sha256 of every param leaf
+after the step. Modes:
+  --num-processes N --process-id i --coordinator host:port   one process of an N-process job
+  (none of those)                                             single process, all local devices
+Each process loads only its `host_batch_slice` of the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+
+GLOBAL_BATCH = 4
+SEED = 0
+LEARNING_RATE = 0.5
+
+
+def tiny_model_config():
+    from flaxchat.config import ModelConfig
+    cfg = ModelConfig(depth=2, head_dim=32, aspect_ratio=32, vocab_size=256, sequence_len=64,
+                      compute_dtype="float32")
+    cfg.derive()
+    return cfg
+
+
+def tiny_model_factory(seed: int = SEED):
+    from flax import nnx
+
+    from flaxchat.model import GPT
+    cfg = tiny_model_config()
+    return lambda: GPT(cfg, nnx.Rngs(seed))
+
+
+def fixed_batch(global_batch: int = GLOBAL_BATCH, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (idx, targets) int32 of shape (global_batch, sequence_len)."""
+    cfg = tiny_model_config()
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (global_batch, cfg.sequence_len + 1))
+    tokens = tokens.astype(np.int32)
+    targets = tokens[:, 1:].copy()
+    targets[0, :5] = -1   # some ignored positions, as real packed batches have
+    return tokens[:, :-1], targets
+
+
+def loss_and_grad_fn(model):
+    """(jitted fn(params, idx, targets) -> (loss, grads), graphdef, params, rest) for an NNX model."""
+    import jax
+    from flax import nnx
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_of(p, idx, targets):
+        return nnx.merge(graphdef, p, rest)(idx, targets)
+
+    return jax.jit(jax.value_and_grad(loss_of)), graphdef, params, rest
+
+
+def leaf_hashes(tree) -> dict[str, str]:
+    """sha256 of every array leaf's bytes (this process's copy), keyed by its path."""
+    import jax
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        data = np.asarray(leaf.addressable_data(0)) if hasattr(leaf, "addressable_data") else np.asarray(leaf)
+        if hasattr(leaf, "addressable_data") and data.shape != leaf.shape:
+            raise AssertionError(f"{jax.tree_util.keystr(path)} is not replicated; cannot hash it locally")
+        out[jax.tree_util.keystr(path)] = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+    return out
+
+
+def sgd_step_hashes() -> dict:
+    """One pure-DP SGD step of the tiny GPT on this process's rows; param hashes after it."""
+    import jax
+
+    from flaxchat.batches import host_batch_slice, make_global_batch
+    from flaxchat.config import MeshConfig
+    from flaxchat.mesh import create_sharded, make_mesh
+
+    mesh = make_mesh(MeshConfig(data=-1, rules="replicated"))
+    model = create_sharded(tiny_model_factory(), mesh, "replicated")
+    grad_fn, graphdef, params, rest = loss_and_grad_fn(model)
+    idx, targets = fixed_batch()
+    rows = host_batch_slice(GLOBAL_BATCH, jax.process_index(), jax.process_count())
+    batch = make_global_batch({"idx": idx[rows], "targets": targets[rows]}, mesh)
+
+    @jax.jit
+    def step(p, idx, targets):
+        loss, grads = grad_fn(p, idx, targets)
+        return loss, jax.tree.map(lambda w, g: w - LEARNING_RATE * g, p, grads)
+
+    loss, new_params = step(params, batch["idx"], batch["targets"])
+    return {"process_index": jax.process_index(), "process_count": jax.process_count(),
+            "devices": jax.device_count(), "rows": [rows.start, rows.stop],
+            "loss": float(np.asarray(loss.addressable_data(0))), "hashes": leaf_hashes(new_params)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--coordinator")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument("--init-only", action="store_true", help="only join the job (for the error tests)")
+    args = parser.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    from flaxchat.distributed import DistributedInitError, initialize_distributed
+    try:
+        spec = initialize_distributed(args.coordinator, args.num_processes, args.process_id, timeout_s=args.timeout)
+    except DistributedInitError as err:
+        print(json.dumps({"error": "DistributedInitError", "message": str(err)}), flush=True)
+        sys.exit(3)
+    if args.init_only:
+        print(json.dumps({"joined": spec.source}), flush=True)
+        return
+    print(json.dumps(sgd_step_hashes()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
