@@ -40,32 +40,37 @@ def host_batch_slice(global_batch: int, process_index: int | None = None,
 
 def make_global_batch(local: Any, mesh: Mesh, batch_spec: PartitionSpec | None = None,
                       global_batch: int | None = None) -> Any:
-    """Turn this host's rows (an array or a pytree of arrays, leading dim = rows) into
-    global `jax.Array`s sharded by `batch_spec` (default: dim 0 over ("data", "fsdp")).
+    """Turn this host's rows (an array or a pytree of arrays) into global `jax.Array`s
+    sharded by `batch_spec` (default: dim 0 over ("data", "fsdp")). The row dim is the
+    first dim the spec shards, e.g. dim 1 for P(None, ("data", "fsdp")) on stacked
+    (accum, rows, T) micro-batches.
 
-    `global_batch` defaults to local rows x process count, i.e. every host loaded its
-    `host_batch_slice`."""
+    `global_batch` (rows in the whole job) defaults to local rows x process count, i.e.
+    every host loaded its `host_batch_slice`."""
+    spec = batch_spec if batch_spec is not None else PartitionSpec(BATCH_MESH_AXES)
+    row_dim = next((d for d, entry in enumerate(spec) if entry is not None), 0)
+    split = _dim_split(mesh, spec, row_dim)
+    sharding = NamedSharding(mesh, spec)
     nproc = jax.process_count()
 
     def one(x: Any) -> jax.Array:
         x = np.asarray(x)
-        if x.ndim == 0:
-            raise BatchShapeError("batch arrays need a leading row dimension; got a scalar")
-        rows = global_batch if global_batch is not None else x.shape[0] * nproc
-        spec = batch_spec if batch_spec is not None else PartitionSpec(BATCH_MESH_AXES)
-        sharding = NamedSharding(mesh, spec)
-        split = _dim0_split(mesh, spec)
+        if x.ndim <= row_dim:
+            raise BatchShapeError(f"batch array of shape {x.shape} has no row dim {row_dim} for spec {spec}")
+        rows = global_batch if global_batch is not None else x.shape[row_dim] * nproc
         if rows % split:
             raise BatchShapeError(
-                f"global batch of {rows} rows does not split over the {split} devices of the batch mesh "
-                f"axes {spec[0] if len(spec) else ()}; use a multiple of {split}")
-        return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
+                f"global batch of {rows} rows does not split over the {split} devices of mesh axes "
+                f"{spec[row_dim]}; use a multiple of {split}")
+        shape = (*x.shape[:row_dim], rows, *x.shape[row_dim + 1:])
+        return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree.map(one, local)
 
 
-def _dim0_split(mesh: Mesh, spec: PartitionSpec) -> int:
-    if not len(spec) or spec[0] is None:
+def _dim_split(mesh: Mesh, spec: PartitionSpec, dim: int) -> int:
+    """How many ways `spec` splits dim `dim` on `mesh`."""
+    if dim >= len(spec) or spec[dim] is None:
         return 1
-    axes = (spec[0],) if isinstance(spec[0], str) else spec[0]
+    axes = (spec[dim],) if isinstance(spec[dim], str) else spec[dim]
     return int(np.prod([mesh.shape[a] for a in axes]))

@@ -126,3 +126,22 @@ class CheckpointStore:
     def close(self) -> None:
         self.wait()
         self._mgr.close()
+
+
+def tree_digest(tree: Any) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes: equal digests mean bitwise-equal trees.
+    Sharded leaves are gathered to the host (across processes too) first."""
+    import hashlib
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
+        arr = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()

@@ -110,6 +110,7 @@ class TrainConfig:
     target_param_data_ratio: float = 12.0
     device_batch_size: int = 32        # sequences per device per micro-step
     total_batch_size: int = -1         # tokens per optimizer step; -1 = nanochat's power law
+    batch_lr_scaling: bool = True      # scale lrs by sqrt(B/2^19) like nanochat; tiny CPU batches turn it off
     matrix_lr: float = 0.02
     embedding_lr: float = 0.3
     unembedding_lr: float = 0.008

@@ -189,7 +189,7 @@ def _gather_peers(address: str, port: int, num_processes: int, deadline: float, 
             server.settimeout(min(left, 1.0))
             try:
                 conn, _ = server.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             conn.settimeout(max(0.1, deadline - time.monotonic()))
             try:

@@ -234,6 +234,12 @@ def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None]) ->
 
 # --------------------------------------------------------------------------- state sharding
 
+def _no_eager_sharding() -> contextlib.AbstractContextManager:
+    """Variables created inside don't shard themselves (flax >= 0.12 shards eagerly by default)."""
+    toggle = getattr(nnx, "use_eager_sharding", None)
+    return toggle(False) if toggle is not None else contextlib.nullcontext()
+
+
 def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
@@ -272,7 +278,7 @@ def _abstract_split(factory: Callable[[], Any]) -> tuple[Any, Any]:
     graphdefs: list[Any] = []
 
     def build_state() -> Any:
-        with nnx.use_eager_sharding(False):
+        with _no_eager_sharding():
             graphdef, state = nnx.split(factory())
         graphdefs.append(graphdef)
         return state
@@ -295,12 +301,13 @@ def abstract_state(factory: Callable[[], M], mesh: Mesh, rules: str | Sequence[t
 def create_sharded(factory: Callable[[], M], mesh: Mesh, rules: str | Sequence[tuple[str, MeshAxes]]) -> M:
     """Run `factory` (e.g. `lambda: GPT(cfg, nnx.Rngs(0))`) so every array comes out
     already sharded per the rules; no device ever holds a full copy of a sharded param.
+    The factory runs twice (abstractly, then compiled), so it must build its own Rngs.
 
     flax's eager per-Variable sharding is switched off while tracing (it would need
     flax's rule lookup, see `_ACTIVE_RULES`); `out_shardings` places everything instead."""
     graphdef, abstract = _abstract_split(factory)
     shardings = state_shardings(abstract, mesh, rules)
-    with mesh_context(mesh, rules), nnx.use_eager_sharding(False):
+    with mesh_context(mesh, rules), _no_eager_sharding():
 
         @functools.partial(jax.jit, out_shardings=shardings)
         def init() -> Any:
@@ -323,7 +330,7 @@ def create_sharded_optimizer(model: nnx.Module, tx: Any, mesh: Mesh,
 
     opt_graphdef, abstract = _abstract_split(lambda: build(params))
     shardings = state_shardings(abstract, mesh, rules)
-    with mesh_context(mesh, rules), nnx.use_eager_sharding(False):
+    with mesh_context(mesh, rules), _no_eager_sharding():
         init = jax.jit(lambda state: nnx.state(build(state)), out_shardings=shardings)
         opt_state = init(params)
     return nnx.merge(opt_graphdef, opt_state)
@@ -342,13 +349,16 @@ def shard_like_params(state: Any, params: Any, param_shardings: Any, mesh: Mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def visit(node: Any) -> Any:
-        if jax.tree.structure(node) == params_def and params_def.num_leaves > 0:
+        node_def = jax.tree.structure(node)
+        if node_def.num_leaves == 0:   # None, EmptyState(), (): nothing to place
+            return node
+        if node_def == params_def:
             return jax.tree.unflatten(params_def, [
                 s if np.shape(x) == np.shape(p) else replicated
                 for x, p, s in zip(jax.tree.leaves(node), param_leaves, sharding_leaves)])
-        children, node_def = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
-        if node_def.num_nodes == 1:   # a leaf (array, scalar) that mirrors nothing
+        if jax.tree_util.treedef_is_leaf(node_def):   # an array that mirrors no param
             return replicated
-        return jax.tree.unflatten(node_def, [visit(c) for c in children])
+        children, one_level = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
+        return jax.tree.unflatten(one_level, [visit(c) for c in children])
 
     return visit(state)

@@ -101,6 +101,27 @@ class FullPipelineFlow(FlowSpec):
             self.tokenizer = tokenizer.run(self._config(), {}, self._stage_uri("tokenizer"))
         for component in tokenizer_card(self.tokenizer):
             current.card["tokenizer"].append(component)
+        self.next(self.pretrain)
+
+    @card(type="blank", id="pretrain", refresh_interval=10)
+    @step
+    def pretrain(self):
+        """Pretrain the GPT; after `resume`, continue from the origin run's last good checkpoint."""
+        from steps import pretrain
+        from flows.cards import LiveTrainingCard, pretrain_summary
+        from flaxchat import storage
+        cfg = self._config()
+        resume_from = None
+        if current.origin_run_id:  # a rerun by `resume`: the failed attempt's checkpoints live there
+            resume_from = storage.join(self.artifact_base, current.flow_name, current.origin_run_id,
+                                       "pretrain", "checkpoints")
+        live = LiveTrainingCard(current.card["pretrain"], f"Pretraining d{cfg.model.depth}")
+        with clear_errors():
+            self.pretrain = pretrain.run(cfg, {"tokenizer": self.manifest("tokenizer")},
+                                         self._stage_uri("pretrain"), resume_from=resume_from,
+                                         extra_sinks=(live,))
+        for component in pretrain_summary(self.pretrain):
+            current.card["pretrain"].append(component)
         self.next(self.end)
 
     @step
@@ -108,6 +129,10 @@ class FullPipelineFlow(FlowSpec):
         tok = self.manifest("tokenizer")
         m = tok["metrics"]
         print(f"tokenizer: vocab {m['vocab_size']}, {m['bytes_per_token']:.3f} bytes/token -> {tok['uri']}")
+        pt = self.manifest("pretrain")
+        m = pt["metrics"]
+        print(f"pretrain: val bpb {m['val_bpb_initial']:.4f} -> {m['val_bpb']:.4f} in {m['steps']} steps "
+              f"-> {pt['checkpoint']['dir']}")
 
 
 if __name__ == "__main__":

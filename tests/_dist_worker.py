@@ -61,29 +61,53 @@ def loss_and_grad_fn(model):
     return jax.jit(jax.value_and_grad(loss_of)), graphdef, params, rest
 
 
+def perturbed(params, scale: float = 0.05, seed: int = 7):
+    """params + fixed noise, keeping each leaf's sharding. At init both output projections
+    are zero, which zeroes most gradients; the noise makes every gradient non-trivial."""
+    import jax
+    rng = np.random.default_rng(seed)
+
+    def one(x):
+        host = np.asarray(x) if x.is_fully_addressable else np.asarray(x.addressable_data(0))
+        assert host.shape == x.shape, "perturbed() needs fully addressable or replicated leaves"
+        new = (host + scale * rng.standard_normal(host.shape)).astype(host.dtype)
+        return jax.make_array_from_callback(x.shape, x.sharding, lambda index: new[index])
+
+    return jax.tree.map(one, params)
+
+
+def leaf_names(tree) -> list[str]:
+    import jax
+    return [".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path
+                     if getattr(k, "name", None) != "value")
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def leaf_hashes(tree) -> dict[str, str]:
     """sha256 of every array leaf's bytes (this process's copy), keyed by its path."""
     import jax
     out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for name, leaf in zip(leaf_names(tree), jax.tree.leaves(tree)):
         data = np.asarray(leaf.addressable_data(0)) if hasattr(leaf, "addressable_data") else np.asarray(leaf)
         if hasattr(leaf, "addressable_data") and data.shape != leaf.shape:
-            raise AssertionError(f"{jax.tree_util.keystr(path)} is not replicated; cannot hash it locally")
-        out[jax.tree_util.keystr(path)] = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+            raise AssertionError(f"{name} is not replicated; cannot hash it locally")
+        out[name] = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
     return out
 
 
-def sgd_step_hashes() -> dict:
-    """One pure-DP SGD step of the tiny GPT on this process's rows; param hashes after it."""
+def sgd_step_hashes(npz_path: str | None = None, devices=None) -> dict:
+    """One pure-DP SGD step of the (perturbed) tiny GPT on this process's rows, on a mesh over
+    `devices` (default all); param hashes before and after it. `npz_path`: also save the
+    updated params there."""
     import jax
 
     from flaxchat.batches import host_batch_slice, make_global_batch
     from flaxchat.config import MeshConfig
     from flaxchat.mesh import create_sharded, make_mesh
 
-    mesh = make_mesh(MeshConfig(data=-1, rules="replicated"))
+    mesh = make_mesh(MeshConfig(data=-1, rules="replicated"), devices=devices)
     model = create_sharded(tiny_model_factory(), mesh, "replicated")
-    grad_fn, graphdef, params, rest = loss_and_grad_fn(model)
+    grad_fn, _, params, _ = loss_and_grad_fn(model)
     idx, targets = fixed_batch()
     rows = host_batch_slice(GLOBAL_BATCH, jax.process_index(), jax.process_count())
     batch = make_global_batch({"idx": idx[rows], "targets": targets[rows]}, mesh)
@@ -93,10 +117,15 @@ def sgd_step_hashes() -> dict:
         loss, grads = grad_fn(p, idx, targets)
         return loss, jax.tree.map(lambda w, g: w - LEARNING_RATE * g, p, grads)
 
+    params = perturbed(params)
     loss, new_params = step(params, batch["idx"], batch["targets"])
+    if npz_path:
+        np.savez(npz_path, **{name: np.asarray(leaf.addressable_data(0))
+                              for name, leaf in zip(leaf_names(new_params), jax.tree.leaves(new_params))})
     return {"process_index": jax.process_index(), "process_count": jax.process_count(),
-            "devices": jax.device_count(), "rows": [rows.start, rows.stop],
-            "loss": float(np.asarray(loss.addressable_data(0))), "hashes": leaf_hashes(new_params)}
+            "devices": mesh.size, "rows": [rows.start, rows.stop],
+            "loss": float(np.asarray(loss.addressable_data(0))),
+            "hashes_before": leaf_hashes(params), "hashes": leaf_hashes(new_params)}
 
 
 def main() -> None:
@@ -106,6 +135,9 @@ def main() -> None:
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--init-only", action="store_true", help="only join the job (for the error tests)")
+    parser.add_argument("--npz", help="save the params after the step to this .npz")
+    parser.add_argument("--one-device-npz", help="single process only: also run the step on one device, "
+                                                 "saving its params here")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -115,10 +147,16 @@ def main() -> None:
     except DistributedInitError as err:
         print(json.dumps({"error": "DistributedInitError", "message": str(err)}), flush=True)
         sys.exit(3)
+    again = initialize_distributed(args.coordinator, args.num_processes, args.process_id, timeout_s=args.timeout)
+    assert again is spec, "initialize_distributed must be idempotent"
     if args.init_only:
         print(json.dumps({"joined": spec.source}), flush=True)
         return
-    print(json.dumps(sgd_step_hashes()), flush=True)
+    report = sgd_step_hashes(args.npz)
+    if args.one_device_npz:
+        import jax
+        report["one_device"] = sgd_step_hashes(args.one_device_npz, devices=jax.devices()[:1])
+    print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

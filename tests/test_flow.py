@@ -20,6 +20,9 @@ FLOW = str(ROOT / "flows" / "full_pipeline.py")
 TINY = {
     "tokenizer": {"vocab_size": 400, "max_chars": 400_000, "eval_chars": 20_000},
     "data": {"demo_documents": 600, "demo_val_documents": 60},
+    "model": {"depth": 2, "sequence_len": 64},
+    "pretrain": {"num_steps": 6, "device_batch_size": 4, "total_batch_size": 256, "warmup_steps": 2,
+                 "eval_every": 3, "sample_every": 6, "checkpoint_every": 3, "log_every": 2, "eval_tokens": 512},
 }
 
 
@@ -65,14 +68,14 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
         run_id = running.run.id
     namespace(None)
     run = Flow("FullPipelineFlow")[run_id]
-    assert {"depth:4", "preset:demo"} <= set(run.tags)
+    assert {"depth:2", "preset:demo"} <= set(run.tags)
     assert any(t.startswith("git:") for t in run.tags)
 
     manifest = run["tokenizer"].task.data.tokenizer
     assert manifest["stage"] == "tokenizer"
     assert manifest["uri"].startswith(str(tmp_path / "art"))
     assert manifest["config"]["tokenizer"]["vocab_size"] == 400
-    assert manifest["config"]["model"]["n_embd"] == 256
+    assert manifest["config"]["model"]["n_embd"] == 128
     assert manifest["metrics"]["bytes_per_token"] > 1.5
     verify_files(manifest)
     tok = Tokenizer.load(manifest["uri"])
@@ -83,6 +86,14 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     shown = card_text(cards[0].get())
     assert "bytes/token" in shown and "Sample split" in shown
     assert f"{manifest['metrics']['bytes_per_token']:.3f}" in shown
+
+    pre = run["pretrain"].task.data.pretrain
+    assert pre["stage"] == "pretrain" and pre["metrics"]["steps"] == 6
+    assert pre["metrics"]["val_bpb"] < pre["metrics"]["val_bpb_initial"]
+    assert pre["checkpoint"]["step"] == 6
+    verify_files(pre)
+    pcard = card_text(get_cards(run["pretrain"].task, id="pretrain")[0].get())
+    assert "val bits per byte" in pcard and "step 6/6" in pcard and "Samples" in pcard
 
 
 def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):

@@ -38,29 +38,45 @@ def shapes() -> dict:
     }
 
 
+def normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
+    # NumPy, not jax.random: eager jax.random compiles once per shape, which dominates tiny tests
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 def random_tree(seed: int) -> dict:
-    key = iter(jax.random.split(jax.random.key(seed), 32))
-    return jax.tree.map(lambda s: jax.random.normal(next(key), s), shapes(), is_leaf=lambda x: isinstance(x, tuple))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes(),
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
-def one_update(tx: optax.GradientTransformation, count: int | None = None):
+def one_update(tx: optax.GradientTransformation, count: int = 0):
     params, grads = random_tree(0), random_tree(1)
-    state = tx.init(params)
-    if count is not None:
-        state = state._replace(count=jnp.int32(count))
-    updates, _ = jax.jit(tx.update)(grads, state, params)
+    state = tx.init(params)._replace(count=jnp.int32(count))
+    updates, _ = jitted_update(tx)(grads, state, params)
     return params, updates
 
 
-def tx_for(train: TrainConfig, num_steps: int = 100) -> optax.GradientTransformation:
-    return build_optimizer(train, MODEL, num_steps, polar_dtype="float32")
+_JITTED: dict[int, tuple] = {}
+
+
+def jitted_update(tx: optax.GradientTransformation):
+    """One compile per transformation (the step count is traced, so counts share it)."""
+    if id(tx) not in _JITTED:
+        _JITTED[id(tx)] = (tx, jax.jit(tx.update))
+    return _JITTED[id(tx)][1]
+
+
+# warmup 2, warmdown over the last 2 of 10 steps to 0: lrm(0) = 0.5, lrm(10) = 0
+HALF_THEN_ZERO = build_optimizer(TrainConfig(warmup_steps=2, warmdown_ratio=0.2, final_lr_frac=0.0), MODEL, 10,
+                                 polar_dtype="float32")
+FULL = build_optimizer(TrainConfig(warmup_steps=1, warmdown_ratio=0.2, final_lr_frac=0.0), MODEL, 10,
+                       polar_dtype="float32")                                # lrm(0) = 1.0
 
 
 # ------------------------------------------------------------------ LR multiplier reaches every group
 
 def test_lr_multiplier_zero_leaves_every_param_unchanged():
-    train = TrainConfig(warmup_steps=0, warmdown_ratio=0.5, final_lr_frac=0.0, weight_decay=0.28)
-    params, updates = one_update(tx_for(train, num_steps=10), count=10)   # last warmdown point: lrm == 0
+    params, updates = one_update(HALF_THEN_ZERO, count=10)
     for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
         assert float(jnp.max(jnp.abs(u))) == 0.0, path
     moved = optax.apply_updates(params, updates)
@@ -68,9 +84,9 @@ def test_lr_multiplier_zero_leaves_every_param_unchanged():
 
 
 def test_lr_multiplier_half_halves_every_update():
-    # same step (count 0), same momentum and wd schedule: only the warmup length differs
-    _, full = one_update(tx_for(TrainConfig(warmup_steps=1)))              # (0+1)/1 = 1.0
-    _, half = one_update(tx_for(TrainConfig(warmup_steps=2)))              # (0+1)/2 = 0.5
+    # same step (count 0), so the same momentum, wd and bias correction: only the LR multiplier differs
+    _, full = one_update(FULL)
+    _, half = one_update(HALF_THEN_ZERO)
     for (path, f), h in zip(jax.tree_util.tree_flatten_with_path(full)[0], jax.tree.leaves(half)):
         assert float(jnp.max(jnp.abs(f))) > 0, path
         np.testing.assert_allclose(h, 0.5 * f, rtol=1e-5, atol=1e-6, err_msg=str(path))
@@ -139,9 +155,9 @@ def test_muon_update_norm_shows_sqrt_rows_over_cols_orientation():
     groups = (MuonGroup("m", r".*", lr, 0.0, polar_dtype="float32"),)
     tx = muon_adamw(groups, ScheduleConfig(num_steps=100, warmup_steps=0))
     for shape, scale in (((3, 8, 32), 2.0), ((3, 32, 8), 1.0)):
-        p = {"w": jax.random.normal(jax.random.key(0), shape)}
-        g = {"w": jax.random.normal(jax.random.key(1), shape)}
-        u, _ = tx.update(g, tx.init(p), p)
+        p = {"w": normal(0, shape)}
+        g = {"w": normal(1, shape)}
+        u, _ = jitted_update(tx)(g, tx.init(p), p)
         norms = np.linalg.norm(np.asarray(u["w"]).reshape(3, -1), axis=1)
         np.testing.assert_allclose(norms, lr * scale * math.sqrt(8), rtol=1e-4, err_msg=str(shape))
 
@@ -151,12 +167,13 @@ def test_cautious_weight_decay_only_where_signs_agree():
     A large wd with the sign pattern of -p in the update shows the mask switching decay off."""
     groups = (MuonGroup("m", r".*", 0.1, 0.5, polar_dtype="float32"),)
     tx = muon_adamw(groups, ScheduleConfig(num_steps=100, warmup_steps=0))
-    p = {"w": jax.random.normal(jax.random.key(0), (1, 16, 16))}
-    u, _ = tx.update({"w": jnp.zeros((1, 16, 16))}, tx.init(p), p)
+    p = {"w": normal(0, (1, 16, 16))}
+    u, _ = jitted_update(tx)({"w": jnp.zeros((1, 16, 16))}, tx.init(p), p)
     np.testing.assert_allclose(u["w"], -0.1 * 0.5 * p["w"], rtol=1e-6)
-    u_with, _ = tx.update({"w": p["w"]}, tx.init(p), p)                     # grad aligned with p
-    u_none, _ = muon_adamw((dataclasses.replace(groups[0], weight_decay=0.0),),
-                           ScheduleConfig(num_steps=100, warmup_steps=0)).update({"w": p["w"]}, tx.init(p), p)
+    u_with, _ = jitted_update(tx)({"w": p["w"]}, tx.init(p), p)             # grad aligned with p
+    no_wd = muon_adamw((dataclasses.replace(groups[0], weight_decay=0.0),),
+                       ScheduleConfig(num_steps=100, warmup_steps=0))
+    u_none, _ = jitted_update(no_wd)({"w": p["w"]}, no_wd.init(p), p)
     decay = np.asarray(u_with["w"] - u_none["w"])
     muon_dir = -np.asarray(u_none["w"])                                     # = lr * g_final
     agree = muon_dir * np.asarray(p["w"]) >= 0

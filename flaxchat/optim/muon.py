@@ -97,19 +97,23 @@ def polar_express(x: jax.Array, ns_steps: int = 5) -> jax.Array:
     if not 1 <= ns_steps <= len(POLAR_EXPRESS_COEFFS):
         raise MuonShapeError(f"ns_steps must be in 1..{len(POLAR_EXPRESS_COEFFS)}, got {ns_steps}")
     dtype = x.dtype
-    denom = (_frobenius(x).astype(dtype).astype(jnp.float32) * 1.01 + 1e-6)
-    x = (x.astype(jnp.float32) / denom).astype(dtype)
+    # fp32 mode means true fp32 products (XLA on GPU would otherwise use TF32 for fp32 dots)
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    mm = lambda u, v: jnp.matmul(u, v, precision=precision)
+    f32 = lambda m: m.astype(jnp.float32)
+    denom = f32(_frobenius(x).astype(dtype)) * 1.01 + 1e-6
+    x = (f32(x) / denom).astype(dtype)
     n_in, n_out = x.shape[-2], x.shape[-1]
     xt = lambda m: jnp.swapaxes(m, -1, -2)
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
-        if n_in >= n_out:    # torch wide/square (out <= in): Gram over the output dim
-            gram = jnp.matmul(xt(x), x)                                            # (out, out)
-            poly = (b * gram.astype(jnp.float32) + c * jnp.matmul(gram, gram).astype(jnp.float32)).astype(dtype)
-            x = (a * x.astype(jnp.float32) + jnp.matmul(x, poly).astype(jnp.float32)).astype(dtype)
-        else:                # torch tall (out > in): Gram over the input dim
-            gram = jnp.matmul(x, xt(x))                                            # (in, in)
-            poly = (b * gram.astype(jnp.float32) + c * jnp.matmul(gram, gram).astype(jnp.float32)).astype(dtype)
-            x = (a * x.astype(jnp.float32) + jnp.matmul(poly, x).astype(jnp.float32)).astype(dtype)
+        if n_in >= n_out:    # torch wide/square (out <= in): Gram over the output dim, (out, out)
+            gram = mm(xt(x), x)
+            poly = (b * f32(gram) + c * f32(mm(gram, gram))).astype(dtype)
+            x = (a * f32(x) + f32(mm(x, poly))).astype(dtype)
+        else:                # torch tall (out > in): Gram over the input dim, (in, in)
+            gram = mm(x, xt(x))
+            poly = (b * f32(gram) + c * f32(mm(gram, gram))).astype(dtype)
+            x = (a * f32(x) + f32(mm(poly, x))).astype(dtype)
     return x
 
 
