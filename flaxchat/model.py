@@ -42,11 +42,13 @@ from flax.core import spmd as flax_spmd
 
 from flaxchat.attention import QK_SCALE, apply_rotary, causal_attention, resolve_attention_impl, rms_norm, rope_cos_sin
 from flaxchat.config import ModelConfig
+from flaxchat.mesh import with_logical_constraint   # no-op outside flaxchat.mesh.mesh_context
 
 SMEAR_CHANNELS = 24      # smear gate reads the first 24 channels of the embedding
 VE_GATE_CHANNELS = 12    # value-embedding gate reads the first 12 channels of the block input
 VE_GATE_SCALE = 3.0      # gate = 3 * sigmoid(.), range (0, 3)
 IGNORE_INDEX = -1
+RESIDUAL_AXES = ("batch", "seq", None)
 
 
 class ModelSpecError(ValueError):
@@ -251,7 +253,9 @@ class GPT(nnx.Module):
 # Pure functions: params is the nested dict from GPT.param_tree(); spec is static under jit.
 
 def _mm(x: jax.Array, w: jax.Array, dtype: jnp.dtype, out: jnp.dtype | None = None) -> jax.Array:
-    """x @ w with both operands in the compute dtype (fp32 accumulation), like nanochat's Linear."""
+    """x @ w with both operands in the compute dtype (fp32 accumulation), like nanochat's Linear.
+    The result is in the compute dtype unless `out` asks otherwise (only the tiny gate matmuls do):
+    bf16 outputs halve the activations saved for the backward pass."""
     return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=out or dtype)
 
 
@@ -291,9 +295,10 @@ def block_out(s: ModelSpec, layer: dict, x: jax.Array, y: jax.Array) -> jax.Arra
     """Attention output projection + MLP half of a block. y (B,T,H,D) -> new residual (B,T,C)."""
     B, T, _ = x.shape
     p = layer["p"]
-    x = (x.astype(jnp.float32) + _mm(y.reshape(B, T, -1), p["attn"]["c_proj"], s.dtype, jnp.float32)).astype(s.dtype)
-    hid = jnp.square(jax.nn.relu(_mm(rms_norm(x), p["mlp"]["c_fc"], s.dtype, jnp.float32))).astype(s.dtype)
-    return (x.astype(jnp.float32) + _mm(hid, p["mlp"]["c_proj"], s.dtype, jnp.float32)).astype(s.dtype)
+    f32 = jnp.float32
+    x = (x.astype(f32) + _mm(y.reshape(B, T, -1), p["attn"]["c_proj"], s.dtype).astype(f32)).astype(s.dtype)
+    hid = jnp.square(jax.nn.relu(_mm(rms_norm(x), p["mlp"]["c_fc"], s.dtype).astype(f32))).astype(s.dtype)
+    return (x.astype(f32) + _mm(hid, p["mlp"]["c_proj"], s.dtype).astype(f32)).astype(s.dtype)
 
 
 def layer_inputs(params: dict, s: ModelSpec) -> dict:
@@ -327,7 +332,9 @@ def remat_wrap(body, s: ModelSpec):
 def head(params: dict, s: ModelSpec, x: jax.Array, x_mid: jax.Array) -> jax.Array:
     """Backout, final norm, lm_head, slice padded vocab, softcap. -> fp32 logits (B,T,vocab)."""
     x = (x.astype(jnp.float32) - params["backout_lambda"] * x_mid.astype(jnp.float32)).astype(s.dtype)
-    logits = _mm(rms_norm(x), params["lm_head"], s.dtype, jnp.float32)[..., :s.vocab_size]
+    # logits leave the matmul in the compute dtype (as nanochat's bf16 Linear) and are upcast for
+    # the softcap and loss; the upcast fuses into them, so no fp32 (B,T,V) copy is kept around
+    logits = _mm(rms_norm(x), params["lm_head"], s.dtype).astype(jnp.float32)[..., :s.vocab_size]
     return s.softcap * jnp.tanh(logits / s.softcap)
 
 
@@ -366,8 +373,13 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
         x_mid = jnp.where(layer["layer_id"] == s.backout_layer, x, x_mid)
         return (x, x_mid), None
 
-    (x, x_mid), _ = jax.lax.scan(remat_wrap(body, s), (x, jnp.zeros_like(x)), layer_inputs(params, s))
-    logits = head(params, s, x, x_mid)
+    def constrained(carry, layer):
+        # pin the residual stream to batch sharding so GSPMD never shards the scan carry on embed
+        carry = jax.tree.map(lambda t: with_logical_constraint(t, RESIDUAL_AXES), carry)
+        return body(carry, layer)
+
+    (x, x_mid), _ = jax.lax.scan(remat_wrap(constrained, s), (x, jnp.zeros_like(x)), layer_inputs(params, s))
+    logits = with_logical_constraint(head(params, s, x, x_mid), ("batch", "seq", "vocab"))
     if targets is None:
         return logits
     return cross_entropy(logits, targets, loss_reduction)

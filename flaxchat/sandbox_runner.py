@@ -59,11 +59,11 @@ def _assemble(program: list) -> bytes:
             labels[item.rstrip(":")] = len(rows)
         else:
             rows.append(item)
-    encoded = []
-    for index, (code, k, jt, jf) in enumerate(rows):
-        offset = lambda label: 0 if label is None else labels[label] - index - 1  # noqa: E731
-        encoded.append(struct.pack("=HBBI", code, offset(jt), offset(jf), k & 0xFFFFFFFF))
-    return b"".join(encoded)
+    def offset(label, index: int) -> int:  # BPF jumps are relative to the next instruction
+        return 0 if label is None else labels[label] - index - 1
+
+    return b"".join(struct.pack("=HBBI", code, offset(jt, i), offset(jf, i), k & 0xFFFFFFFF)
+                    for i, (code, k, jt, jf) in enumerate(rows))
 
 
 def _seccomp_program(nr: dict, own_pid: int) -> bytes:
@@ -117,7 +117,7 @@ def install_seccomp_filter() -> bool:
     code = _seccomp_program(nr, os.getpid())
 
     class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]  # noqa: RUF012 - ctypes API
 
     buffer = ctypes.create_string_buffer(code, len(code))
     fprog = SockFprog(len(code) // 8, ctypes.addressof(buffer))
@@ -212,7 +212,7 @@ def install_accident_guard() -> None:
 def run_program(source: str) -> int:
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     try:
-        exec(compile(source, "<program>", "exec"), namespace)
+        exec(compile(source, "<program>", "exec"), namespace)  # noqa: S102 - running it is the point
     except SystemExit:
         raise
     except MemoryError as error:

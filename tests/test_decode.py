@@ -17,6 +17,14 @@ from flaxchat.config import ModelConfig
 from flaxchat.kv_cache import KVCache, init_cache, jit_decode
 from flaxchat.model import GPT, gpt_forward
 
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmuls():
+    """GPUs default to TF32 for fp32 matmuls; these comparisons need true fp32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 VOCAB = 300
 
 

@@ -13,6 +13,13 @@ from flaxchat.config import ModelConfig
 from flaxchat.flops import estimate_flops, mfu, num_matmul_params, peak_bf16_flops
 from flaxchat.model import GPT, PARAM_AXES, gpt_forward
 
+@pytest.fixture(autouse=True)
+def exact_fp32_matmuls():
+    """GPUs default to TF32 for fp32 matmuls; these comparisons need true fp32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 VOCAB = 300   # padded to 320
 
 

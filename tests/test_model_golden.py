@@ -17,6 +17,14 @@ from flax import nnx
 from flaxchat.config import ModelConfig
 from flaxchat.model import GPT, gpt_forward
 
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmuls():
+    """GPUs default to TF32 for fp32 matmuls; these comparisons need true fp32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 EPS = float(np.finfo(np.float32).eps)   # torch F.rms_norm(eps=None) on fp32 inputs
 
 

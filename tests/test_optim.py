@@ -80,14 +80,15 @@ def test_lr_multiplier_zero_leaves_every_param_unchanged():
     for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
         assert float(jnp.max(jnp.abs(u))) == 0.0, path
     moved = optax.apply_updates(params, updates)
-    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(moved)))
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(moved), strict=True)
+    assert all(bool(jnp.array_equal(a, b)) for a, b in pairs)
 
 
 def test_lr_multiplier_half_halves_every_update():
     # same step (count 0), so the same momentum, wd and bias correction: only the LR multiplier differs
     _, full = one_update(FULL)
     _, half = one_update(HALF_THEN_ZERO)
-    for (path, f), h in zip(jax.tree_util.tree_flatten_with_path(full)[0], jax.tree.leaves(half)):
+    for (path, f), h in zip(jax.tree_util.tree_flatten_with_path(full)[0], jax.tree.leaves(half), strict=True):
         assert float(jnp.max(jnp.abs(f))) > 0, path
         np.testing.assert_allclose(h, 0.5 * f, rtol=1e-5, atol=1e-6, err_msg=str(path))
 
@@ -222,7 +223,7 @@ def test_nnx_optimizer_under_jit_with_donation():
     after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     assert int(opt.opt_state.count[...]) == 3 and int(opt.step[...]) == 3
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    for (path, b), a in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after)):
+    for (path, b), a in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after), strict=True):
         assert not np.array_equal(b, np.asarray(a)), f"{path} did not move"
 
 

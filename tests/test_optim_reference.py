@@ -9,6 +9,7 @@ loosely in bf16 (nanochat's GPU mode).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -36,7 +37,7 @@ WEIGHT_DECAY = 0.2
 
 def standin_params(rng: np.random.Generator) -> dict:
     """The model's param-path contract with tiny shapes (Flax (in, out) kernels, stacked layers)."""
-    m = dataclasses_replace_derived(MODEL)
+    m = resolved(MODEL)
     C, L, V, kv = m.n_embd, m.depth, m.padded_vocab_size, m.n_kv_head * m.head_dim
     f = lambda *s: rng.normal(0, 0.5, s).astype(np.float32)
     return {
@@ -51,8 +52,7 @@ def standin_params(rng: np.random.Generator) -> dict:
     }
 
 
-def dataclasses_replace_derived(cfg: ModelConfig) -> ModelConfig:
-    import dataclasses
+def resolved(cfg: ModelConfig) -> ModelConfig:
     out = dataclasses.replace(cfg)
     out.derive()
     return out
@@ -130,7 +130,7 @@ def ref_muon_matrix(W, G, buf, sec, lr, mom, wd, beta2=0.9):
 
 def ref_groups() -> dict[str, tuple]:
     """nanochat's table (gpt.py setup_optimizer, base_train.py defaults), written out by hand."""
-    s_d = (dataclasses_replace_derived(MODEL).n_embd / 768) ** -0.5
+    s_d = (resolved(MODEL).n_embd / 768) ** -0.5
     s_b = BATCH_LR_SCALE
     return {
         "lm_head": (0.008 * s_b * s_d, 0.8, 0.96, 0.01),
@@ -157,7 +157,7 @@ def ref_step(params, grads, state, it):
             new_p[path], new_s[path] = ref_adamw(p, g, st, it + 1, lr * lrm, b1, b2, decay)
             continue
         assert path.startswith("blocks."), path
-        out_p, bufs, secs = [], [], []
+        out_p, bufs = [], []
         for layer in range(p.shape[0]):
             W, G = p[layer].T, g[layer].T                  # Flax (in, out) -> torch (out, in)
             rows, cols = W.shape

@@ -187,7 +187,7 @@ def muon_adamw(groups: Sequence[Group], schedule: ScheduleConfig) -> optax.Gradi
         mu_leaves = treedef.flatten_up_to(state.mu)
         nu_leaves = treedef.flatten_up_to(state.nu)
         out_u, out_mu, out_nu = [], [], []
-        for (kp, grad), p, mu, nu in zip(flat, p_leaves, mu_leaves, nu_leaves):
+        for (kp, grad), p, mu, nu in zip(flat, p_leaves, mu_leaves, nu_leaves, strict=True):
             group = group_for(param_path(kp), grad.shape, groups)
             if isinstance(group, AdamWGroup):
                 u, mu, nu = adamw_leaf_update(
