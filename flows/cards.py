@@ -95,7 +95,7 @@ class LiveTrainingCard:
 def pretrain_summary(manifest: dict[str, Any]) -> list:
     m = manifest["metrics"]
     return [
-        Markdown(f"## Result: val bpb {m['val_bpb_initial'] or float('nan'):.4f} → **{m['val_bpb']:.4f}** "
+        Markdown(f"## Result: val bpb {_fmt(m['val_bpb_initial'] or 'n/a (resumed)')} → **{m['val_bpb']:.4f}** "
                  f"after {m['steps']} steps" + (f" (resumed from step {m['resumed_from_step']})"
                                                 if m.get("resumed_from_step") else "")),
         metrics_table(m),

@@ -131,8 +131,8 @@ class FullPipelineFlow(FlowSpec):
         print(f"tokenizer: vocab {m['vocab_size']}, {m['bytes_per_token']:.3f} bytes/token -> {tok['uri']}")
         pt = self.manifest("pretrain")
         m = pt["metrics"]
-        print(f"pretrain: val bpb {m['val_bpb_initial']:.4f} -> {m['val_bpb']:.4f} in {m['steps']} steps "
-              f"-> {pt['checkpoint']['dir']}")
+        start = "resumed" if m["val_bpb_initial"] is None else f"{m['val_bpb_initial']:.4f}"
+        print(f"pretrain: val bpb {start} -> {m['val_bpb']:.4f} in {m['steps']} steps -> {pt['checkpoint']['dir']}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ TINY = {
     "data": {"demo_documents": 600, "demo_val_documents": 60},
     "model": {"depth": 2, "sequence_len": 64},
     "pretrain": {"num_steps": 6, "device_batch_size": 4, "total_batch_size": 256, "warmup_steps": 2,
-                 "eval_every": 3, "sample_every": 6, "checkpoint_every": 3, "log_every": 2, "eval_tokens": 512},
+                 "eval_every": 3, "sample_every": 6, "checkpoint_every": 2, "log_every": 2, "eval_tokens": 512},
 }
 
 
@@ -140,3 +140,44 @@ def test_unknown_preset_fails_the_run_with_a_clear_error(mf_env, tmp_path):
     assert "ConfigError: unknown preset 'gigantic'; choose one of: demo" in log
     assert "Traceback" not in log
     assert not (tmp_path / "art").exists()
+
+
+def test_killed_pretrain_resumes_from_the_origin_checkpoint(mf_env, tmp_path):
+    """SIGKILL the pretrain task mid-training; `resume` clones start+tokenizer, and pretrain
+    continues from the origin run's last checkpoint (step > 0) to the same parameters as an
+    uninterrupted run of the stage."""
+    import subprocess
+
+    from metaflow import Flow, Runner, namespace
+
+    killhook = str(Path(__file__).resolve().parent / "killhook")
+    crash_env = {**mf_env, "KILL_MODE": "batch:6", "PYTHONPATH": killhook}
+    crashing = Runner(FLOW, show_output=False, env=crash_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"],
+                      config=[("config", _config_file(tmp_path))])
+    with crashing.run(preset="demo", artifact_root=str(tmp_path / "art")) as first:
+        assert first.status == "failed"
+        origin_id = first.run.id
+    resumer = Runner(FLOW, show_output=False, env=mf_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
+    with resumer.resume(origin_run_id=origin_id) as resumed:
+        assert resumed.status == "successful", resumed.stderr
+        new_id = resumed.run.id
+    namespace(None)
+    run = Flow("FullPipelineFlow")[new_id]
+    assert "origin-task-id" in {m.name for m in run["tokenizer"].task.metadata}   # cloned
+    pre = run["pretrain"].task.data.pretrain
+    assert pre["metrics"]["resumed_from_step"] >= 2      # saves at 2 and 4 began before the kill
+    assert pre["metrics"]["steps"] == 6
+    assert f"/{new_id}/pretrain" in pre["uri"]
+
+    # the same stage, never interrupted, from the same tokenizer output and config
+    tok = run["tokenizer"].task.data.tokenizer
+    ref = tmp_path / "reference"
+    overrides = [f"{section}.{key}={value}" for section, values in json.loads(json.dumps(TINY)).items()
+                 for key, value in values.items()]
+    proc = subprocess.run([sys.executable, "-m", "steps.pretrain", "--out", str(ref), "--input",
+                           f"tokenizer={tok['uri']}", *sum((["--set", o] for o in overrides), [])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = json.loads((ref / "manifest.json").read_text())
+    assert pre["metrics"]["params_sha256"] == reference["metrics"]["params_sha256"]

@@ -34,10 +34,15 @@ def tokenizer_dir(tmp_path_factory):
     return str(base / "tok")
 
 
+KILLHOOK = str(ROOT / "tests" / "killhook")
+
+
 def _pretrain(out, tokenizer_dir, killer=None):
-    cmd = ([sys.executable, str(ROOT / "tests" / "_killer.py")] if killer else [sys.executable, "-m", "steps.pretrain"])
-    env = _env() | ({"KILL_MODE": killer} if killer else {})
-    return subprocess.run(cmd + ["--out", str(out), "--input", f"tokenizer={tokenizer_dir}", *TINY],
+    env = _env()
+    if killer:  # tests/killhook/sitecustomize.py makes the real stage SIGKILL itself at that moment
+        env |= {"KILL_MODE": killer, "PYTHONPATH": os.pathsep.join(filter(None, [KILLHOOK, env.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "steps.pretrain", "--out", str(out),
+                           "--input", f"tokenizer={tokenizer_dir}", *TINY],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 

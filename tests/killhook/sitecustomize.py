@@ -1,0 +1,47 @@
+"""Test-only crash injection: with KILL_MODE set, the process SIGKILLs itself at a chosen moment.
+
+Put this directory on PYTHONPATH (Python imports `sitecustomize` at start-up) to crash a
+`python -m steps.pretrain` or a Metaflow task deterministically. Everything else is the real code.
+
+KILL_MODE=batch:N  -> die while assembling the N-th optimizer step's batch (mid-training)
+KILL_MODE=save:N   -> die right after the async save of step N was started (write in flight)
+"""
+
+import os
+
+if os.environ.get("KILL_MODE"):
+    import signal
+    import sys
+
+    mode, _, arg = os.environ["KILL_MODE"].partition(":")
+    target = int(arg)
+
+    def _die() -> None:
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    from flaxchat import checkpoint
+    from flaxchat.train import loop
+
+    if mode == "save":
+        _real_save = checkpoint.CheckpointStore.save
+
+        def _save(self, step, state, meta):
+            _real_save(self, step, state, meta)
+            if step == target:
+                _die()
+
+        checkpoint.CheckpointStore.save = _save
+    elif mode == "batch":
+        _real_global = loop._global
+        _calls = {"n": 0}
+
+        def _global(batch, mesh):
+            _calls["n"] += 1
+            if _calls["n"] == target:
+                _die()
+            return _real_global(batch, mesh)
+
+        loop._global = _global
+    else:
+        raise SystemExit(f"unknown KILL_MODE {mode!r}")
