@@ -36,7 +36,8 @@ def peak_memory_gb(device) -> float:
 
 
 def print_profile(compiled, args, steps: int = 3, top: int = 25) -> None:
-    """Trace a few steps and print the device ops that take the most time (by HLO op name)."""
+    """Trace a few steps and print the device kernels that take the most time. Run with
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= so kernels are not hidden inside CUDA graphs."""
     from jax.profiler import ProfileData
     out_dir = tempfile.mkdtemp(prefix="flaxchat-prof-")
     with jax.profiler.trace(out_dir):
@@ -54,7 +55,7 @@ def print_profile(compiled, args, steps: int = 3, top: int = 25) -> None:
                 continue
             for ev in line.events:
                 stats = dict(ev.stats)
-                by_op[str(stats.get("hlo_op", ev.name))[:60]] += ev.duration_ns / steps
+                by_op[f"{ev.name[:70]} [{stats.get('hlo_op', '')}]"] += ev.duration_ns / steps
                 by_line[line.name] += ev.duration_ns / steps
     print("profile lines (ms/step):", {k: round(v / 1e6, 2) for k, v in by_line.items()})
     total = sum(by_op.values())

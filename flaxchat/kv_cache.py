@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxchat.attention import cached_attention, rope_cos_sin
-from flaxchat.model import (ModelSpec, block_out, block_qkv, embed_tokens, head, layer_inputs, smear,
-                            value_embedding)
+from flaxchat.model import (ModelSpec, block_out, block_qkv, embed_tokens, head_raw, layer_inputs, smear,
+                            softcap_logits)
 
 
 class KVCache(NamedTuple):
@@ -61,8 +61,7 @@ def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array) -> tup
 
     def body(carry, layer):
         x, x_mid, k_all, v_all = carry
-        ve_row, ve_gate = value_embedding(params, layer, idx)
-        x, q, k, v = block_qkv(s, layer, x, x0, ve_row, ve_gate, cos, sin)
+        x, q, k, v = block_qkv(s, layer, x, x0, cos, sin)
         lid = layer["layer_id"]
         k_all = k_all.at[lid, rows, positions].set(k.astype(k_all.dtype), mode="drop")
         v_all = v_all.at[lid, rows, positions].set(v.astype(v_all.dtype), mode="drop")
@@ -74,8 +73,8 @@ def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array) -> tup
         return (x, x_mid, k_all, v_all), None
 
     init = (x0, jnp.zeros_like(x0), cache.k, cache.v)
-    (x, x_mid, k_all, v_all), _ = jax.lax.scan(body, init, layer_inputs(params, s))
-    logits = head(params, s, x, x_mid)
+    (x, x_mid, k_all, v_all), _ = jax.lax.scan(body, init, layer_inputs(params, s, idx))
+    logits = softcap_logits(head_raw(params, s, x, x_mid), s)
     return logits, KVCache(k=k_all, v=v_all, pos=cache.pos + T, prev_embed=x_emb[:, -1])
 
 

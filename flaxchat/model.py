@@ -20,17 +20,19 @@ CPU); the residual stream is stored in the compute dtype like nanochat's; norms,
 softmax, softcap and the loss are computed in fp32.
 
 Why value embeddings live in one stacked table: nanochat has a vocab x kv_dim table only on layers
-i with i % 2 == (L-1) % 2. Stacking them as (n_ve, V, kv_dim) keeps nanochat's exact parameter count
-(no dummy tables for the other layers). Each scanned layer carries a `ve_slot` (-1 = none); the body
-gathers `value_embeds[max(slot,0), idx]` with one gather (the table is never sliced or copied) and
-multiplies the gate by `slot >= 0`, so there is no Python branch per layer. The price is one wasted
-B*T*kv_dim gather and a 12 x Hkv matmul on the layers without one: small next to the c_v matmul.
-`ve_gate` is stacked the same way (n_ve, 12, Hkv) for the same reason.
+i with i % 2 == (L-1) % 2. Stacking them as (n_ve, V, kv_dim) (and ve_gate as (n_ve, 12, Hkv)) keeps
+nanochat's exact parameter count: no dummy tables for the other layers. Before the scan, one gather
+builds per-layer rows (L, B, T, kv_dim) in the compute dtype (layers without a table read slot 0
+and get a zero gate, so the body has no Python branch per layer). Gathering inside the scan from
+the closed-over table was measured slower on an H100 (~10%): its backward accumulates a full-table
+cotangent in the scan carry at every layer, whereas scanned rows give per-layer cotangents that are
+scattered into the table once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -272,8 +274,8 @@ def smear(params: dict, s: ModelSpec, x: jax.Array, prev: jax.Array, has_prev: j
     return (x.astype(jnp.float32) + gate * prev.astype(jnp.float32)).astype(s.dtype)
 
 
-def block_qkv(s: ModelSpec, layer: dict, x: jax.Array, x0: jax.Array, ve_row: jax.Array,
-              ve_gate: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, ...]:
+def block_qkv(s: ModelSpec, layer: dict, x: jax.Array, x0: jax.Array, cos: jax.Array,
+              sin: jax.Array) -> tuple[jax.Array, ...]:
     """Lambda mix + pre-attention half of a block. Returns (x mixed, q, k, v) in compute dtype."""
     B, T, _ = x.shape
     p = layer["p"]
@@ -282,9 +284,9 @@ def block_qkv(s: ModelSpec, layer: dict, x: jax.Array, x0: jax.Array, ve_row: ja
     q = _mm(h, p["attn"]["c_q"], s.dtype).reshape(B, T, s.n_head, s.head_dim)
     k = _mm(h, p["attn"]["c_k"], s.dtype).reshape(B, T, s.n_kv_head, s.head_dim)
     v = _mm(h, p["attn"]["c_v"], s.dtype).reshape(B, T, s.n_kv_head, s.head_dim)
-    gate = VE_GATE_SCALE * jax.nn.sigmoid(_mm(h[..., :VE_GATE_CHANNELS], ve_gate, s.dtype, jnp.float32))
+    gate = VE_GATE_SCALE * jax.nn.sigmoid(_mm(h[..., :VE_GATE_CHANNELS], layer["ve_gate"], s.dtype, jnp.float32))
     gate = jnp.where(layer["ve_slot"] >= 0, gate, 0.0)                    # (B,T,Hkv)
-    ve = ve_row.astype(s.dtype).astype(jnp.float32).reshape(B, T, s.n_kv_head, s.head_dim)
+    ve = layer["ve_row"].astype(jnp.float32).reshape(B, T, s.n_kv_head, s.head_dim)
     v = (v.astype(jnp.float32) + gate[..., None] * ve).astype(s.dtype)
     q = (QK_SCALE * rms_norm(apply_rotary(q, cos, sin))).astype(s.dtype)
     k = (QK_SCALE * rms_norm(apply_rotary(k, cos, sin))).astype(s.dtype)
@@ -301,24 +303,21 @@ def block_out(s: ModelSpec, layer: dict, x: jax.Array, y: jax.Array) -> jax.Arra
     return (x.astype(f32) + _mm(hid, p["mlp"]["c_proj"], s.dtype).astype(f32)).astype(s.dtype)
 
 
-def layer_inputs(params: dict, s: ModelSpec) -> dict:
-    """Everything scanned over layers: stacked block weights (minus ve_gate) and per-layer scalars."""
+def layer_inputs(params: dict, s: ModelSpec, idx: jax.Array) -> dict:
+    """Everything scanned over layers: stacked block weights, per-layer scalars, and each layer's
+    value-embedding rows (L,B,T,kv) and gate (L,12,Hkv) (slot 0's for layers without one)."""
     blocks = params["blocks"]
+    slots = jnp.maximum(jnp.asarray(s.ve_slots, jnp.int32), 0)
     return {
         "p": {"attn": {k: v for k, v in blocks["attn"].items() if k != "ve_gate"}, "mlp": blocks["mlp"]},
+        "ve_row": params["value_embeds"][slots[:, None, None], idx[None]].astype(s.dtype),  # fp32 grad scatter
+        "ve_gate": blocks["attn"]["ve_gate"][slots],
         "resid_lambda": params["resid_lambdas"], "x0_lambda": params["x0_lambdas"],
         "layer_id": jnp.arange(s.n_layer, dtype=jnp.int32),
         "ve_slot": jnp.asarray(s.ve_slots, jnp.int32),
         "window_slot": jnp.asarray(s.window_slots, jnp.int32),
         "window": jnp.asarray(s.windows, jnp.int32),
     }
-
-
-def value_embedding(params: dict, layer: dict, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """This layer's value-embedding rows (B,T,kv_dim) and gate weight, gathered from the stacked
-    tables in one op each (slot -1 reads slot 0; block_qkv zeroes its gate)."""
-    slot = jnp.maximum(layer["ve_slot"], 0)
-    return params["value_embeds"][slot, idx], params["blocks"]["attn"]["ve_gate"][slot]
 
 
 def remat_wrap(body, s: ModelSpec):
@@ -329,28 +328,63 @@ def remat_wrap(body, s: ModelSpec):
     return jax.checkpoint(body, policy=policy, prevent_cse=False)
 
 
-def head(params: dict, s: ModelSpec, x: jax.Array, x_mid: jax.Array) -> jax.Array:
-    """Backout, final norm, lm_head, slice padded vocab, softcap. -> fp32 logits (B,T,vocab)."""
+def head_raw(params: dict, s: ModelSpec, x: jax.Array, x_mid: jax.Array) -> jax.Array:
+    """Backout, final norm, lm_head -> raw logits (B,T,padded_vocab) in the compute dtype (as
+    nanochat's bf16 Linear). Softcap and vocab slicing happen in `softcap_logits` / the loss."""
     x = (x.astype(jnp.float32) - params["backout_lambda"] * x_mid.astype(jnp.float32)).astype(s.dtype)
-    # logits leave the matmul in the compute dtype (as nanochat's bf16 Linear) and are upcast for
-    # the softcap and loss; the upcast fuses into them, so no fp32 (B,T,V) copy is kept around
-    logits = _mm(rms_norm(x), params["lm_head"], s.dtype).astype(jnp.float32)[..., :s.vocab_size]
-    return s.softcap * jnp.tanh(logits / s.softcap)
+    return _mm(rms_norm(x), params["lm_head"], s.dtype)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, reduction: str = "mean") -> jax.Array:
-    """Softmax cross-entropy ignoring target -1, without a one-hot: logsumexp - gathered logit.
-    'mean' averages over non-ignored tokens (0 when none); 'none' gives (B,T) with 0 at ignored."""
+def softcap_logits(raw: jax.Array, s: ModelSpec) -> jax.Array:
+    """softcap * tanh(logits / softcap) in fp32, padded columns sliced off -> (B,T,vocab)."""
+    return s.softcap * jnp.tanh(raw[..., :s.vocab_size].astype(jnp.float32) / s.softcap)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def softcapped_nll(raw: jax.Array, targets: jax.Array, softcap: float, vocab_size: int) -> jax.Array:
+    """Per-token cross-entropy of softcapped logits, 0 where target == -1. raw (B,T,Vp), any dtype.
+
+    A custom VJP so the (B,T,V) tensor is touched in exactly two fused passes: the forward reads the
+    raw logits once for the logsumexp (the target logit is a gather of one value per row), and the
+    backward writes d(raw) = g * (softmax - [col == target]) * (1 - tanh^2) in one elementwise pass;
+    no fp32 logits and no one-hot are ever materialised. Padded columns (>= vocab_size) are masked."""
+    return _nll_fwd(raw, targets, softcap, vocab_size)[0]
+
+
+def _capped(raw: jax.Array, softcap: float) -> jax.Array:
+    return softcap * jnp.tanh(raw.astype(jnp.float32) / softcap)
+
+
+def _nll_fwd(raw, targets, softcap, vocab_size):
+    cols = jax.lax.broadcasted_iota(jnp.int32, raw.shape, raw.ndim - 1)
+    z = jnp.where(cols < vocab_size, _capped(raw, softcap), -jnp.inf)
+    lse = jax.nn.logsumexp(z, axis=-1)
     valid = targets != IGNORE_INDEX
-    safe = jnp.where(valid, targets, 0)
-    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    nll = jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
+    picked = _capped(jnp.take_along_axis(raw, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0], softcap)
+    return jnp.where(valid, lse - picked, 0.0), (raw, targets, lse)
+
+
+def _nll_bwd(softcap, vocab_size, res, g):
+    raw, targets, lse = res
+    cols = jax.lax.broadcasted_iota(jnp.int32, raw.shape, raw.ndim - 1)
+    t = jnp.tanh(raw.astype(jnp.float32) / softcap)
+    probs = jnp.exp(softcap * t - lse[..., None])
+    g = jnp.where(targets != IGNORE_INDEX, g, 0.0)[..., None]
+    d = g * (probs - (cols == targets[..., None])) * (1.0 - t * t)
+    return jnp.where(cols < vocab_size, d, 0.0).astype(raw.dtype), None
+
+
+softcapped_nll.defvjp(_nll_fwd, _nll_bwd)
+
+
+def reduce_loss(nll: jax.Array, targets: jax.Array, reduction: str) -> jax.Array:
+    """'mean' over non-ignored tokens (0 when none, where torch gives NaN), 'sum', or 'none' (B,T)."""
     if reduction == "none":
         return nll
     if reduction == "sum":
         return nll.sum()
     if reduction == "mean":
-        return nll.sum() / jnp.maximum(valid.sum(), 1)
+        return nll.sum() / jnp.maximum((targets != IGNORE_INDEX).sum(), 1)
     raise ValueError(f"loss_reduction={reduction!r} must be 'mean', 'sum' or 'none'")
 
 
@@ -366,8 +400,7 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
 
     def body(carry, layer):
         x, x_mid = carry
-        ve_row, ve_gate = value_embedding(params, layer, idx)
-        x, q, k, v = block_qkv(s, layer, x, x0, ve_row, ve_gate, cos, sin)
+        x, q, k, v = block_qkv(s, layer, x, x0, cos, sin)
         y = causal_attention(q, k, v, layer["window_slot"], s.distinct_windows, s.attention_impl)
         x = block_out(s, layer, x, y)
         x_mid = jnp.where(layer["layer_id"] == s.backout_layer, x, x_mid)
@@ -378,8 +411,8 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
         carry = jax.tree.map(lambda t: with_logical_constraint(t, RESIDUAL_AXES), carry)
         return body(carry, layer)
 
-    (x, x_mid), _ = jax.lax.scan(remat_wrap(constrained, s), (x, jnp.zeros_like(x)), layer_inputs(params, s))
-    logits = with_logical_constraint(head(params, s, x, x_mid), ("batch", "seq", "vocab"))
+    (x, x_mid), _ = jax.lax.scan(remat_wrap(constrained, s), (x, jnp.zeros_like(x)), layer_inputs(params, s, idx))
+    raw = with_logical_constraint(head_raw(params, s, x, x_mid), ("batch", "seq", "vocab"))
     if targets is None:
-        return logits
-    return cross_entropy(logits, targets, loss_reduction)
+        return softcap_logits(raw, s)
+    return reduce_loss(softcapped_nll(raw, targets, s.softcap, s.vocab_size), targets, loss_reduction)

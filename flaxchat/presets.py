@@ -13,10 +13,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"depth": 4, "aspect_ratio": 64, "head_dim": 64, "sequence_len": 256, "window_pattern": "SL"},
         "tokenizer": {"vocab_size": 1024, "max_chars": 20_000_000, "doc_cap": 4_000, "eval_chars": 200_000},
         "data": {"source": "demo", "demo_documents": 12_000, "demo_val_documents": 600},
-        "pretrain": {"num_steps": 300, "device_batch_size": 8, "total_batch_size": 2048,
+        "pretrain": {"num_steps": 200, "device_batch_size": 8, "total_batch_size": 2048,
                      "batch_lr_scaling": False,
                      "warmup_steps": 20, "eval_every": 50, "eval_tokens": 32_768, "sample_every": 100,
-                     "log_every": 10, "checkpoint_every": 100},
+                     "log_every": 10, "checkpoint_every": 50},
     },
     "tinystories": {
         "model": {"depth": 8, "sequence_len": 512},

@@ -91,8 +91,7 @@ def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: s
                             split=split, seed=config.seed, process_index=jax.process_index(),
                             process_count=jax.process_count(), state=state)
 
-    schedule = ScheduleConfig(num_steps=plan.num_steps, warmup_steps=tcfg.warmup_steps,
-                              warmdown_ratio=tcfg.warmdown_ratio, final_lr_frac=tcfg.final_lr_frac)
+    schedule = ScheduleConfig.from_train(tcfg, plan.num_steps)
     loop_cfg = LoopConfig(
         num_steps=plan.num_steps, accum_steps=plan.grad_accum_steps, log_every=tcfg.log_every,
         eval_every=tcfg.eval_every, sample_every=tcfg.sample_every, checkpoint_every=tcfg.checkpoint_every,

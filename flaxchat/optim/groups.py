@@ -243,6 +243,5 @@ def build_optimizer(train_cfg: TrainConfig, model_cfg: ModelConfig, num_steps: i
     `batch_lr_scale` and `weight_decay` come from scaling.plan_training (weight_decay=None means
     train_cfg.weight_decay unscaled). `polar_dtype` overrides the Polar Express dtype
     (default: bf16 when the model computes in bf16, fp32 otherwise, like nanochat)."""
-    schedule = ScheduleConfig(num_steps=num_steps, warmup_steps=train_cfg.warmup_steps,
-                              warmdown_ratio=train_cfg.warmdown_ratio, final_lr_frac=train_cfg.final_lr_frac)
+    schedule = ScheduleConfig.from_train(train_cfg, num_steps)
     return muon_adamw(nanochat_groups(train_cfg, model_cfg, batch_lr_scale, weight_decay, polar_dtype), schedule)

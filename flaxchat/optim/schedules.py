@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,12 @@ class ScheduleConfig:
             raise ScheduleError(f"warmdown_ratio must be in [0, 1], got {self.warmdown_ratio}")
         if self.momentum_warmup_steps < 0:
             raise ScheduleError(f"momentum_warmup_steps must be >= 0, got {self.momentum_warmup_steps}")
+
+    @classmethod
+    def from_train(cls, train_cfg: Any, num_steps: int) -> "ScheduleConfig":
+        """The schedule a training stage's config asks for (one place maps the knobs)."""
+        return cls(num_steps=num_steps, warmup_steps=train_cfg.warmup_steps,
+                   warmdown_ratio=train_cfg.warmdown_ratio, final_lr_frac=train_cfg.final_lr_frac)
 
     @property
     def warmdown_steps(self) -> int:
