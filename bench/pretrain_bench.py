@@ -71,7 +71,7 @@ def main() -> None:
     args = p.parse_args()
     if args.gpu:
         configs = [dict(depth=d, head_dim=128, window="SSSL", seq=2048, batch=b, accum=1, vocab=32768,
-                        dtype="bfloat16", remat="none") for d, b in ((12, 16), (20, 8))]
+                        dtype="bfloat16", remat="dots") for d, b in ((12, 16), (20, 8))]
     else:  # nanochat's runcpu.sh: depth 6, head_dim 64, window L, T=512 (batch trimmed for 2 cores)
         configs = [dict(depth=6, head_dim=64, window="L", seq=512, batch=4, accum=1, vocab=32768,
                         dtype="float32", remat="none")]

@@ -10,7 +10,8 @@ only change with the chunk length T; decode uses T=1):
 attends over the whole cache with a causal+window mask built from absolute positions, so it equals
 the full forward pass (tests/test_decode.py). Unlike nanochat's engine, a chunk that starts at
 pos > 0 also smears its first token with the cached previous embedding, so chunked prefill is exact.
-Writes past max_len are dropped: the caller (engine) must keep pos + T <= max_len.
+Writes past max_len are dropped: the caller (engine) must keep pos + T <= max_len. Each step attends
+over all max_len slots (masked), so its cost is O(max_len) whatever the window: fine at chat lengths.
 
 The per-layer cache slices are carried through the layer scan and updated with an in-place scatter;
 jit with `donate_argnums` on the cache (see `jit_decode`) so XLA reuses its buffers step to step.
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 from flaxchat.attention import cached_attention, rope_cos_sin
 from flaxchat.model import (ModelSpec, block_out, block_qkv, embed_tokens, head_raw, layer_inputs, smear,
-                            softcap_logits)
+                            softcap_logits, value_rows)
 
 
 class KVCache(NamedTuple):
@@ -61,7 +62,7 @@ def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array) -> tup
 
     def body(carry, layer):
         x, x_mid, k_all, v_all = carry
-        x, q, k, v = block_qkv(s, layer, x, x0, cos, sin)
+        x, q, k, v = block_qkv(s, layer, x, x0, value_rows(params, layer, idx), cos, sin)
         lid = layer["layer_id"]
         k_all = k_all.at[lid, rows, positions].set(k.astype(k_all.dtype), mode="drop")
         v_all = v_all.at[lid, rows, positions].set(v.astype(v_all.dtype), mode="drop")
@@ -73,7 +74,7 @@ def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array) -> tup
         return (x, x_mid, k_all, v_all), None
 
     init = (x0, jnp.zeros_like(x0), cache.k, cache.v)
-    (x, x_mid, k_all, v_all), _ = jax.lax.scan(body, init, layer_inputs(params, s, idx))
+    (x, x_mid, k_all, v_all), _ = jax.lax.scan(body, init, layer_inputs(params, s))
     logits = softcap_logits(head_raw(params, s, x, x_mid), s)
     return logits, KVCache(k=k_all, v=v_all, pos=cache.pos + T, prev_embed=x_emb[:, -1])
 

@@ -16,17 +16,18 @@ Per token (B batch, T time, C=n_embd, H heads, Hkv kv heads, D head_dim, V padde
   logits = 15*tanh((rms_norm(x - backout_lambda*x_mid) @ lm_head)[:vocab] / 15)     fp32
 
 Dtypes: parameters are fp32 masters; matmuls run in the compute dtype (bf16 on GPU/TPU, fp32 on
-CPU); the residual stream is stored in the compute dtype like nanochat's; norms, RoPE, gates,
-softmax, softcap and the loss are computed in fp32.
+CPU) and return it, like nanochat's Linear; the residual stream is stored in the compute dtype;
+norms, RoPE, gates, softmax, softcap and the loss are computed in fp32 (the loss by a fused
+custom-VJP cross-entropy that never materialises fp32 logits or a one-hot).
 
 Why value embeddings live in one stacked table: nanochat has a vocab x kv_dim table only on layers
 i with i % 2 == (L-1) % 2. Stacking them as (n_ve, V, kv_dim) (and ve_gate as (n_ve, 12, Hkv)) keeps
-nanochat's exact parameter count: no dummy tables for the other layers. Before the scan, one gather
-builds per-layer rows (L, B, T, kv_dim) in the compute dtype (layers without a table read slot 0
-and get a zero gate, so the body has no Python branch per layer). Gathering inside the scan from
-the closed-over table was measured slower on an H100 (~10%): its backward accumulates a full-table
-cotangent in the scan carry at every layer, whereas scanned rows give per-layer cotangents that are
-scattered into the table once.
+nanochat's exact parameter count: no dummy tables for the other layers. Each scanned layer carries
+a `ve_slot` (-1 = none); the body gathers `value_embeds[max(slot, 0), idx]` in one gather (the
+table is never sliced or copied) and zeroes the gate when slot < 0, so there is no Python branch per
+layer. Layers without a table waste one B*T*kv gather, small next to their c_v matmul. Gathering
+all layers' rows before the scan instead was measured on an H100 (d12): same step time, ~L*B*T*kv
+more memory, so the gather stays in the body.
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ class ModelSpec:
 
 
 def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
-    """A Param carrying logical axis names; sharded eagerly only when a mesh and axis rules are active
-    (the mesh module supplies both), otherwise the names are metadata for nnx.get_partition_spec."""
+    """A Param carrying logical axis names (`out_sharding` metadata, read by nnx.get_partition_spec
+    and flaxchat.mesh). Flax's own eager sharding only runs when a mesh and flax logical rules are
+    both active; flaxchat.mesh instead places the state with jit out_shardings."""
     eager = flax_meta.get_global_mesh() is not None and bool(flax_spmd.get_logical_axis_rules())
     return nnx.Param(value, out_sharding=axes, eager_sharding=eager)
 
@@ -152,19 +154,15 @@ def init_params(spec: ModelSpec, key: jax.Array) -> dict[str, Any]:
         "smear_gate": ((SMEAR_CHANNELS, 1), 0.0, 0.02),
     }
     k_normal, k_uniform = jax.random.split(key)
-    normals = jax.random.normal(k_normal, (sum(np.prod(sh) for sh, _ in normal_shapes.values()),), jnp.float32)
-    uniforms = jax.random.uniform(k_uniform, (sum(np.prod(sh) for sh, _, _ in uniform_shapes.values()),), jnp.float32)
     out: dict[str, jax.Array] = {}
-    offset = 0
-    for name, (shape, std) in normal_shapes.items():
-        n = int(np.prod(shape))
-        out[name] = std * normals[offset:offset + n].reshape(shape)
-        offset += n
-    offset = 0
-    for name, (shape, lo, hi) in uniform_shapes.items():
-        n = int(np.prod(shape))
-        out[name] = lo + (hi - lo) * uniforms[offset:offset + n].reshape(shape)
-        offset += n
+    for k, table, draw in ((k_normal, normal_shapes, jax.random.normal), (k_uniform, uniform_shapes, jax.random.uniform)):
+        flat = draw(k, (sum(int(np.prod(v[0])) for v in table.values()),), jnp.float32)
+        offset = 0
+        for name, (shape, *scale) in table.items():
+            n = int(np.prod(shape))
+            piece = flat[offset:offset + n].reshape(shape)
+            out[name] = scale[0] * piece if len(scale) == 1 else scale[0] + (scale[1] - scale[0]) * piece
+            offset += n
     ramp = jnp.arange(L, dtype=jnp.float32) / max(L - 1, 1)
     return {
         "wte": out["wte"],
@@ -274,8 +272,8 @@ def smear(params: dict, s: ModelSpec, x: jax.Array, prev: jax.Array, has_prev: j
     return (x.astype(jnp.float32) + gate * prev.astype(jnp.float32)).astype(s.dtype)
 
 
-def block_qkv(s: ModelSpec, layer: dict, x: jax.Array, x0: jax.Array, cos: jax.Array,
-              sin: jax.Array) -> tuple[jax.Array, ...]:
+def block_qkv(s: ModelSpec, layer: dict, x: jax.Array, x0: jax.Array, ve_row: jax.Array,
+              cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, ...]:
     """Lambda mix + pre-attention half of a block. Returns (x mixed, q, k, v) in compute dtype."""
     B, T, _ = x.shape
     p = layer["p"]
@@ -286,7 +284,7 @@ def block_qkv(s: ModelSpec, layer: dict, x: jax.Array, x0: jax.Array, cos: jax.A
     v = _mm(h, p["attn"]["c_v"], s.dtype).reshape(B, T, s.n_kv_head, s.head_dim)
     gate = VE_GATE_SCALE * jax.nn.sigmoid(_mm(h[..., :VE_GATE_CHANNELS], layer["ve_gate"], s.dtype, jnp.float32))
     gate = jnp.where(layer["ve_slot"] >= 0, gate, 0.0)                    # (B,T,Hkv)
-    ve = layer["ve_row"].astype(jnp.float32).reshape(B, T, s.n_kv_head, s.head_dim)
+    ve = ve_row.astype(s.dtype).astype(jnp.float32).reshape(B, T, s.n_kv_head, s.head_dim)
     v = (v.astype(jnp.float32) + gate[..., None] * ve).astype(s.dtype)
     q = (QK_SCALE * rms_norm(apply_rotary(q, cos, sin))).astype(s.dtype)
     k = (QK_SCALE * rms_norm(apply_rotary(k, cos, sin))).astype(s.dtype)
@@ -303,21 +301,24 @@ def block_out(s: ModelSpec, layer: dict, x: jax.Array, y: jax.Array) -> jax.Arra
     return (x.astype(f32) + _mm(hid, p["mlp"]["c_proj"], s.dtype).astype(f32)).astype(s.dtype)
 
 
-def layer_inputs(params: dict, s: ModelSpec, idx: jax.Array) -> dict:
-    """Everything scanned over layers: stacked block weights, per-layer scalars, and each layer's
-    value-embedding rows (L,B,T,kv) and gate (L,12,Hkv) (slot 0's for layers without one)."""
+def layer_inputs(params: dict, s: ModelSpec) -> dict:
+    """Everything scanned over layers: stacked block weights, per-layer scalars and ve gate
+    (L,12,Hkv) (slot 0's for layers without a value embedding; their gate is zeroed)."""
     blocks = params["blocks"]
-    slots = jnp.maximum(jnp.asarray(s.ve_slots, jnp.int32), 0)
     return {
         "p": {"attn": {k: v for k, v in blocks["attn"].items() if k != "ve_gate"}, "mlp": blocks["mlp"]},
-        "ve_row": params["value_embeds"][slots[:, None, None], idx[None]].astype(s.dtype),  # fp32 grad scatter
-        "ve_gate": blocks["attn"]["ve_gate"][slots],
+        "ve_gate": blocks["attn"]["ve_gate"][jnp.maximum(jnp.asarray(s.ve_slots, jnp.int32), 0)],
         "resid_lambda": params["resid_lambdas"], "x0_lambda": params["x0_lambdas"],
         "layer_id": jnp.arange(s.n_layer, dtype=jnp.int32),
         "ve_slot": jnp.asarray(s.ve_slots, jnp.int32),
         "window_slot": jnp.asarray(s.window_slots, jnp.int32),
         "window": jnp.asarray(s.windows, jnp.int32),
     }
+
+
+def value_rows(params: dict, layer: dict, idx: jax.Array) -> jax.Array:
+    """This layer's value-embedding rows (B,T,kv) fp32: one gather from the stacked table."""
+    return params["value_embeds"][jnp.maximum(layer["ve_slot"], 0), idx]
 
 
 def remat_wrap(body, s: ModelSpec):
@@ -400,7 +401,7 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
 
     def body(carry, layer):
         x, x_mid = carry
-        x, q, k, v = block_qkv(s, layer, x, x0, cos, sin)
+        x, q, k, v = block_qkv(s, layer, x, x0, value_rows(params, layer, idx), cos, sin)
         y = causal_attention(q, k, v, layer["window_slot"], s.distinct_windows, s.attention_impl)
         x = block_out(s, layer, x, y)
         x_mid = jnp.where(layer["layer_id"] == s.backout_layer, x, x_mid)
@@ -411,7 +412,7 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
         carry = jax.tree.map(lambda t: with_logical_constraint(t, RESIDUAL_AXES), carry)
         return body(carry, layer)
 
-    (x, x_mid), _ = jax.lax.scan(remat_wrap(constrained, s), (x, jnp.zeros_like(x)), layer_inputs(params, s, idx))
+    (x, x_mid), _ = jax.lax.scan(remat_wrap(constrained, s), (x, jnp.zeros_like(x)), layer_inputs(params, s))
     raw = with_logical_constraint(head_raw(params, s, x, x_mid), ("batch", "seq", "vocab"))
     if targets is None:
         return softcap_logits(raw, s)
