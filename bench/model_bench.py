@@ -11,7 +11,6 @@ should not grow with depth.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import jax

@@ -23,7 +23,6 @@ import binascii
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 import rustbpe
 import tiktoken
 
-from flaxchat import chat_format
+from flaxchat import chat_format, storage
 from flaxchat.tokenizer_specials import SPECIAL_TOKENS, SPLIT_PATTERN
 
 FORMAT_NAME = "flaxchat-bpe"
@@ -117,8 +116,8 @@ class Tokenizer:
         meta_bytes = (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         # Rank file first: tokenizer.json is the commit point, so a crash in between leaves a
         # checksum mismatch that load() reports, never a silently mixed pair.
-        _atomic_write(directory / RANK_FILE, rank_bytes)
-        _atomic_write(directory / META_FILE, meta_bytes)
+        storage.write_bytes(directory / RANK_FILE, rank_bytes)
+        storage.write_bytes(directory / META_FILE, meta_bytes)
         return {RANK_FILE: rank_sha, META_FILE: hashlib.sha256(meta_bytes).hexdigest()}
 
     @classmethod
@@ -269,20 +268,6 @@ def _check_ranks(ranks: dict[bytes, int]) -> None:
         raise ValueError("mergeable ranks must be exactly the ids 0..n-1, each used once")
     if any(ranks.get(bytes([b])) != b for b in range(256)):
         raise ValueError("mergeable ranks must map each single byte b to rank b")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_file(path: Path) -> bytes:

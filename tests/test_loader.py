@@ -218,7 +218,7 @@ def test_sft_truncates_a_conversation_longer_than_a_row(tmp_path):
     shards, _ = write_shards(tmp_path, [[50, 3], [3]])
     loader = PackedLoader(shards, sft_encode, BOS, batch_size=1, seq_len=9, mode="sft",
                           buffer_docs=1, shuffle=False)
-    (x1, y1), (x2, y2) = next(loader), next(loader)
+    (x1, y1), (x2, _y2) = next(loader), next(loader)
     assert x1[0].tolist() == [BOS] + [1] * 8                     # cut to exactly one row
     assert y1[0].tolist() == [-1, 1, -1, 1, -1, 1, -1, 1, -1]
     assert x2[0].tolist() == [BOS, 2, 2, 2, BOS, 2, 2, 2, BOS]   # whole short ones, then a pad

@@ -19,13 +19,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from flaxchat import flops
 from flaxchat.config import ModelConfig, TrainConfig
 
 B_REF = 2 ** 19                  # tokens per step that is optimal at d12 (nanochat, measured)
 REFERENCE_DEPTH = 12
 BATCH_EXPONENT = 0.383
-SMEAR_CHANNELS = 24
-VE_GATE_CHANNELS = 12
 
 
 class ScalingError(ValueError):
@@ -42,28 +41,9 @@ def _resolved(model_cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def num_value_embed_layers(n_layer: int) -> int:
-    """Layers i with i % 2 == (n_layer - 1) % 2 (alternating, the last one included)."""
-    return sum(1 for i in range(n_layer) if i % 2 == (n_layer - 1) % 2)
-
-
 def param_counts(model_cfg: ModelConfig) -> dict[str, int]:
-    """nanochat's `num_scaling_params()` breakdown, from the config alone."""
-    cfg = _resolved(model_cfg)
-    C, L, Vp = cfg.n_embd, cfg.depth, cfg.padded_vocab_size
-    q_dim = cfg.n_head * cfg.head_dim
-    kv_dim = cfg.n_kv_head * cfg.head_dim
-    n_ve = num_value_embed_layers(L)
-    per_layer = C * q_dim + 2 * C * kv_dim + q_dim * C + 2 * C * 4 * C     # c_q, c_k, c_v, c_proj, c_fc, c_proj
-    counts = {
-        "wte": Vp * C,
-        "value_embeds": n_ve * Vp * kv_dim,
-        "lm_head": C * Vp,
-        "transformer_matrices": L * per_layer + n_ve * VE_GATE_CHANNELS * cfg.n_kv_head,
-        "scalars": 2 * L + SMEAR_CHANNELS + 2,            # resid, x0, smear gate, smear/backout lambdas
-    }
-    counts["total"] = sum(counts.values())
-    return counts
+    """nanochat's `num_scaling_params()` breakdown, from the config alone (flaxchat.flops owns the formula)."""
+    return flops.param_counts(_resolved(model_cfg))
 
 
 def num_scaling_params(model_cfg: ModelConfig) -> int:

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+
+from flaxchat.batches import make_global_batch
 
 
 def make_bpb_evaluator(model: nnx.Module, mesh: jax.sharding.Mesh, token_bytes: np.ndarray,
@@ -27,7 +28,6 @@ def make_bpb_evaluator(model: nnx.Module, mesh: jax.sharding.Mesh, token_bytes: 
         raise ValueError(f"eval needs at least one batch, got num_batches={num_batches}; raise eval_tokens")
     graphdef, _ = nnx.split(model)
     table = jnp.asarray(token_bytes, jnp.int32)
-    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
     @jax.jit
     def sums(state, inputs, targets):
@@ -42,10 +42,8 @@ def make_bpb_evaluator(model: nnx.Module, mesh: jax.sharding.Mesh, token_bytes: 
         total = jnp.zeros((), jnp.int32)
         seen = 0
         for batch in itertools.islice(val_batches(), num_batches):
-            nproc = jax.process_count()
-            arrays = [jax.make_array_from_process_local_data(
-                sharding, batch[k], (batch[k].shape[0] * nproc, *batch[k].shape[1:])) for k in ("inputs", "targets")]
-            n, b = sums(state, *arrays)
+            arrays = make_global_batch({k: batch[k] for k in ("inputs", "targets")}, mesh)
+            n, b = sums(state, arrays["inputs"], arrays["targets"])
             nats, total, seen = nats + n, total + b, seen + 1
         if seen == 0:
             raise ValueError("the validation split yielded no batches; add validation data or lower eval_tokens")

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
+from flaxchat.batches import make_global_batch
 from flaxchat.checkpoint import CheckpointStore
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], jax.Array]
@@ -226,7 +227,4 @@ def train(*, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn, mesh:
 
 def _global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """(accum, B_local, T) host arrays -> global arrays with the batch rows sharded over data×fsdp."""
-    sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
-    nproc = jax.process_count()
-    return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0], v.shape[1] * nproc, *v.shape[2:]))
-            for k, v in batch.items()}
+    return make_global_batch(batch, mesh, PartitionSpec(None, ("data", "fsdp")))
