@@ -57,6 +57,9 @@ class DictBatches:
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
 
+    def close(self) -> None:
+        getattr(self.loader, "close", lambda: None)()
+
 
 def load_tokenizer(manifest: dict[str, Any]) -> Tokenizer:
     return Tokenizer.load(storage.fetch_dir(manifest["uri"]))
@@ -101,6 +104,8 @@ def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: s
     evaluate = make_bpb_evaluator(model, mesh, tokenizer.token_bytes(),
                                   lambda: DictBatches(make_loader("val")), eval_batches)
 
+    # small side files (metrics, wandb, the tokenizer copy) are written locally first; on GCS they are
+    # uploaded at the end (checkpoints go to `output_uri` directly through orbax)
     local_out = output_uri if not storage.is_gcs(output_uri) else tempfile.mkdtemp(prefix="flaxchat-pt-")
     os.makedirs(local_out, exist_ok=True)
     sinks: list[Sink] = [console_sink(plan.num_steps), jsonl_sink(os.path.join(local_out, "metrics.jsonl"))]
@@ -118,9 +123,13 @@ def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: s
     for sink in sinks:
         getattr(sink, "finish", lambda: None)()
 
+    tok_files = tokenizer.save(os.path.join(local_out, "tokenizer"))
     if storage.is_gcs(output_uri):
-        storage.publish_dir(local_out, output_uri, overwrite=True, last=())
-    tok_files = tokenizer.save(storage.join(local_out, "tokenizer")) if not storage.is_gcs(output_uri) else {}
+        for dirpath, _, names in os.walk(local_out):
+            for name in names:
+                rel = os.path.relpath(os.path.join(dirpath, name), local_out)
+                with open(os.path.join(local_out, rel), "rb") as fh:
+                    storage.write_bytes(storage.join(output_uri, rel), fh.read())
     final = result.checkpoint_step
     ckpt_dir = storage.join("checkpoints", str(final))
     files = {f"{ckpt_dir}/{rel}": digest for rel, digest in _checkpoint_files(store, final).items()}

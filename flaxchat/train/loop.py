@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec
 
 from flaxchat.batches import make_global_batch
 from flaxchat.checkpoint import CheckpointStore
+from flaxchat.flops import mfu
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], jax.Array]
 
@@ -150,12 +151,12 @@ def train(*, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn, mesh:
     samples: list[dict[str, Any]] = []
     last_saved: int | None = resumed_from
 
-    def run_eval(step: int) -> None:
-        if evaluate is not None:
+    def run_eval(step: int, do_eval: bool, do_sample: bool) -> None:
+        if evaluate is not None and do_eval:
             record = {"step": step, **evaluate(model)}
             evals.append(record)
             emit("eval", record)
-        if sample is not None:
+        if sample is not None and do_sample:
             record = {"step": step, "samples": sample(model, step)}
             samples.append(record)
             emit("sample", record)
@@ -167,60 +168,63 @@ def train(*, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn, mesh:
             last_saved = step
 
     batches = make_batches(loader_state)
-    iterator = iter(batches)
-    train_step = make_train_step(model, optimizer, loss_fn)
-    graph_state = nnx.state((model, optimizer))
-    first_bad = jnp.asarray(-1, jnp.int32)
-    step = start_step
-    if step == 0 and evaluate is not None:
-        run_eval(0)  # the baseline every later eval improves on
-    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+    try:
+        iterator = iter(batches)
+        train_step = make_train_step(model, optimizer, loss_fn)
+        graph_state = nnx.state((model, optimizer))
+        first_bad = jnp.asarray(-1, jnp.int32)
+        step = start_step
+        if step == 0:
+            run_eval(0, True, True)  # the baseline every later eval improves on
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
 
-    def check_finite(at_step: int) -> None:
-        bad = int(first_bad)
-        if bad >= 0:
-            where = f"step {last_saved} in {store.directory}" if (store and last_saved is not None) else "none"
-            raise TrainingDiverged(
-                f"loss became NaN/inf at step {bad + 1}; last good checkpoint: {where}. "
-                f"Lower the learning rates or check the data, then resume")
+        def check_finite(at_step: int) -> None:
+            bad = int(first_bad)
+            if bad >= 0:
+                where = f"step {last_saved} in {store.directory}" if (store and last_saved is not None) else "none"
+                raise TrainingDiverged(
+                    f"loss became NaN/inf at step {bad + 1}; last good checkpoint: {where}. "
+                    f"Lower the learning rates or check the data, then resume")
 
-    while step < cfg.num_steps:
-        batch = _global(_stack([next(iterator) for _ in range(cfg.accum_steps)]), mesh)
-        graph_state, loss, first_bad = train_step(graph_state, batch, jnp.asarray(step, jnp.int32), first_bad)
-        step += 1
-        window_steps += 1
-        window_tokens += cfg.tokens_per_step or int(np.prod(batch["inputs"].shape))
-        is_last = step == cfg.num_steps
-        if step % cfg.log_every == 0 or is_last:
-            loss_value = float(loss)  # the one host sync per logging interval
-            check_finite(step)
-            elapsed = time.perf_counter() - window_start
-            tok_s = window_tokens / max(elapsed, 1e-9)
-            record = {"step": step, "loss": loss_value, "tok_per_s": tok_s, "step_s": elapsed / window_steps,
-                      "lr_mult": cfg.lr_at(step - 1) if cfg.lr_at else math.nan}
-            if cfg.flops_per_token:
-                from flaxchat.flops import mfu
-                record["mfu"] = mfu(tok_s, cfg.flops_per_token, jax.device_count(), jax.devices()[0].device_kind)
-            history.append(record)
-            emit("train", record)
-            window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-        # the model objects see the new state (a reference swap, no copy) before anyone reads them
-        nnx.update((model, optimizer), graph_state)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or (cfg.sample_every and step % cfg.sample_every == 0):
-            if not is_last:
+        while step < cfg.num_steps:
+            batch = _global(_stack([next(iterator) for _ in range(cfg.accum_steps)]), mesh)
+            graph_state, loss, first_bad = train_step(graph_state, batch, jnp.asarray(step, jnp.int32), first_bad)
+            step += 1
+            window_steps += 1
+            window_tokens += cfg.tokens_per_step or int(np.prod(batch["inputs"].shape))
+            is_last = step == cfg.num_steps
+            if step % cfg.log_every == 0 or is_last:
+                loss_value = float(loss)  # the one host sync per logging interval
                 check_finite(step)
-                run_eval(step)
+                elapsed = time.perf_counter() - window_start
+                tok_s = window_tokens / max(elapsed, 1e-9)
+                record = {"step": step, "loss": loss_value, "tok_per_s": tok_s, "step_s": elapsed / window_steps,
+                          "lr_mult": cfg.lr_at(step - 1) if cfg.lr_at else math.nan}
+                if cfg.flops_per_token:
+                    record["mfu"] = mfu(tok_s, cfg.flops_per_token, jax.device_count(), jax.devices()[0].device_kind)
+                history.append(record)
+                emit("train", record)
+                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+            # the model objects see the new state (a reference swap, no copy) before anyone reads them
+            nnx.update((model, optimizer), graph_state)
+            do_eval = bool(cfg.eval_every and step % cfg.eval_every == 0)
+            do_sample = bool(cfg.sample_every and step % cfg.sample_every == 0)
+            if (do_eval or do_sample) and not is_last:
+                check_finite(step)
+                run_eval(step, do_eval, do_sample)
                 window_start = time.perf_counter()  # throughput counts training time only
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) and not is_last:
-            check_finite(step)
-            save(step, batches)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) and not is_last:
+                check_finite(step)
+                save(step, batches)
 
-    if start_step < cfg.num_steps or last_saved != cfg.num_steps:
-        check_finite(step)
-        run_eval(step)
-        save(step, batches)
-    if store is not None:
-        store.wait()  # the final checkpoint must be on storage before the stage returns
+        if start_step < cfg.num_steps or last_saved != cfg.num_steps:
+            check_finite(step)
+            run_eval(step, True, True)
+            save(step, batches)
+        if store is not None:
+            store.wait()  # the final checkpoint must be on storage before the stage returns
+    finally:
+        getattr(batches, "close", lambda: None)()  # stop a prefetch thread
     return LoopResult(step=step, history=history, evals=evals, samples=samples,
                       resumed_from=resumed_from, checkpoint_step=last_saved)
 
