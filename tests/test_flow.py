@@ -56,6 +56,18 @@ def _runner(mf_env, tmp_path, extra=None):
                   config=[("config", _config_file(tmp_path, extra))])
 
 
+def _resume(mf_env, origin_id):
+    """`resume` a failed run; it takes the origin's parameters and config (passing --config again
+    is refused). Returns the new, successful run."""
+    from metaflow import Runner
+    resumer = Runner(FLOW, show_output=False, env=mf_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
+    with resumer.resume(origin_run_id=origin_id) as resumed:
+        assert resumed.status == "successful", resumed.stderr
+        new_id = resumed.run.id
+    namespace(None)
+    return Flow("FullPipelineFlow")[new_id]
+
+
 def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     from metaflow import Flow, namespace
     from metaflow.cards import get_cards
@@ -99,8 +111,6 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
 def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
     """The data dir is empty on the first run (the tokenizer step fails); after we fill it,
     `resume` clones `start` and reruns only the tokenizer."""
-    from metaflow import Flow, namespace
-
     from flaxchat.data.demo_corpus import write_demo_shards
 
     data_dir = tmp_path / "corpus"
@@ -114,14 +124,8 @@ def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
     assert "Traceback" not in log
 
     write_demo_shards(str(data_dir), seed=1, n_docs=400, n_val_docs=40)
-    from metaflow import Runner
-    # resume takes the origin run's parameters and config; passing --config again is refused
-    resumer = Runner(FLOW, show_output=False, env=mf_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
-    with resumer.resume(origin_run_id=origin_id) as resumed:
-        assert resumed.status == "successful", resumed.stderr
-        new_id = resumed.run.id
-    namespace(None)
-    run = Flow("FullPipelineFlow")[new_id]
+    run = _resume(mf_env, origin_id)
+    new_id = run.id
     assert new_id != origin_id
     start_meta = {m.name: m.value for m in run["start"].task.metadata}
     tok_meta = {m.name: m.value for m in run["tokenizer"].task.metadata}
@@ -148,7 +152,7 @@ def test_killed_pretrain_resumes_from_the_origin_checkpoint(mf_env, tmp_path):
     uninterrupted run of the stage."""
     import subprocess
 
-    from metaflow import Flow, Runner, namespace
+    from metaflow import Runner
 
     killhook = str(Path(__file__).resolve().parent / "killhook")
     crash_env = {**mf_env, "KILL_MODE": "batch:6", "PYTHONPATH": killhook}
@@ -157,12 +161,8 @@ def test_killed_pretrain_resumes_from_the_origin_checkpoint(mf_env, tmp_path):
     with crashing.run(preset="demo", artifact_root=str(tmp_path / "art")) as first:
         assert first.status == "failed"
         origin_id = first.run.id
-    resumer = Runner(FLOW, show_output=False, env=mf_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
-    with resumer.resume(origin_run_id=origin_id) as resumed:
-        assert resumed.status == "successful", resumed.stderr
-        new_id = resumed.run.id
-    namespace(None)
-    run = Flow("FullPipelineFlow")[new_id]
+    run = _resume(mf_env, origin_id)
+    new_id = run.id
     assert "origin-task-id" in {m.name for m in run["tokenizer"].task.metadata}   # cloned
     pre = run["pretrain"].task.data.pretrain
     assert pre["metrics"]["resumed_from_step"] >= 2      # saves at 2 and 4 began before the kill

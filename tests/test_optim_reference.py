@@ -19,6 +19,7 @@ import pytest
 
 from flaxchat.config import ModelConfig, TrainConfig
 from flaxchat.optim import build_optimizer, polar_express
+from nanochat_schedules import nanochat_lrm, nanochat_momentum
 
 COEFFS = [  # Polar Express (arXiv 2505.16932), as listed in nanochat/optim.py
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -61,24 +62,11 @@ def resolved(cfg: ModelConfig) -> ModelConfig:
 # ------------------------------------------------------------------ float64 reference (torch layout)
 
 def ref_lrm(it: int) -> float:
-    warmdown = round(TRAIN.warmdown_ratio * NUM_STEPS)
-    if it < TRAIN.warmup_steps:
-        return (it + 1) / TRAIN.warmup_steps
-    if it <= NUM_STEPS - warmdown:
-        return 1.0
-    progress = (NUM_STEPS - it) / warmdown
-    return progress + (1 - progress) * TRAIN.final_lr_frac
+    return nanochat_lrm(it, NUM_STEPS, TRAIN.warmup_steps, TRAIN.warmdown_ratio, TRAIN.final_lr_frac)
 
 
 def ref_momentum(it: int) -> float:
-    warmdown = round(TRAIN.warmdown_ratio * NUM_STEPS)
-    start = NUM_STEPS - warmdown
-    if it < 400:
-        return (1 - it / 400) * 0.85 + it / 400 * 0.97
-    if it >= start:
-        p = (it - start) / warmdown
-        return 0.97 * (1 - p) + 0.90 * p
-    return 0.97
+    return nanochat_momentum(it, NUM_STEPS, TRAIN.warmdown_ratio)
 
 
 def ref_wd(it: int) -> float:

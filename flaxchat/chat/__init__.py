@@ -35,14 +35,14 @@ class TextStreamer:
 
     `push(id)` returns the newly complete text (possibly ""); `flush()` returns whatever is still
     held back at the end of the reply (an incomplete character stays a U+FFFD, as decode gives).
-    Decoding the whole reply each time (instead of per token) is what makes multi-token
-    characters come out right; the text emitted so far is always a prefix of the full decode.
+    Only the ids since the last clean point are decoded: a decode that does not end in U+FFFD ends
+    on a character boundary, so the concatenated deltas equal `decode(all ids)` at O(n) cost.
     """
 
     def __init__(self, tokenizer: TokenDecoder):
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._emitted = 0          # characters of the reply already handed out
+        self._pending: list[int] = []   # ids whose text has not been handed out yet
 
     @property
     def ids(self) -> list[int]:
@@ -50,18 +50,17 @@ class TextStreamer:
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
-        text = self._tokenizer.decode(self._ids)
+        self._pending.append(int(token_id))
+        text = self._tokenizer.decode(self._pending)
         if text.endswith(REPLACEMENT):
             return ""
-        return self._take(text)
+        self._pending = []
+        return text
 
     def flush(self) -> str:
-        return self._take(self._tokenizer.decode(self._ids)) if self._ids else ""
-
-    def _take(self, text: str) -> str:
-        delta = text[self._emitted:]
-        self._emitted = len(text)
-        return delta
+        text = self._tokenizer.decode(self._pending) if self._pending else ""
+        self._pending = []
+        return text
 
 
 __all__ = ["REPLACEMENT", "STOP_TOKENS", "TextStreamer", "TokenDecoder", "stop_token_ids"]

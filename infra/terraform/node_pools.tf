@@ -91,8 +91,9 @@ resource "google_container_node_pool" "tpu" {
   # only sizes are 0 and `hosts`.
   initial_node_count = 0
   autoscaling {
-    min_node_count = 0
-    max_node_count = each.value.hosts > 1 ? each.value.hosts : each.value.max_slices
+    min_node_count  = 0
+    max_node_count  = each.value.hosts > 1 ? each.value.hosts : each.value.max_slices
+    location_policy = "ANY"
   }
 
   dynamic "placement_policy" {
