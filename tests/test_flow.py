@@ -59,7 +59,7 @@ def _runner(mf_env, tmp_path, extra=None):
 def _resume(mf_env, origin_id):
     """`resume` a failed run; it takes the origin's parameters and config (passing --config again
     is refused). Returns the new, successful run."""
-    from metaflow import Runner
+    from metaflow import Flow, Runner, namespace
     resumer = Runner(FLOW, show_output=False, env=mf_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
     with resumer.resume(origin_run_id=origin_id) as resumed:
         assert resumed.status == "successful", resumed.stderr

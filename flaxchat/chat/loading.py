@@ -1,0 +1,125 @@
+"""Load a trained model + tokenizer for chatting, from a stage's output (its manifest).
+
+A stage that trains a model (pretrain, later SFT/RL) writes `<uri>/manifest.json` with the
+resolved config (`config`), the checkpoint to use (`checkpoint: {dir, step}`) and the tokenizer
+files under `<uri>/tokenizer/` (else `tokenizer_uri`). Training checkpoints hold
+`{"model": ..., "optimizer": ...}`; chatting needs only the model, so orbax is asked for that
+subtree alone (`partial_restore`): the optimizer state (twice the model's size) is never read,
+and no optimizer has to be rebuilt to describe it. The model is built abstractly
+(`nnx.eval_shape`), so loading never spends time or memory on a random init.
+
+Paths are taken from the manifest; if the stage directory was moved (the manifest's own `uri`
+no longer exists), the tokenizer and checkpoints are looked up next to the manifest instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any
+
+import jax
+from flax import nnx
+
+from flaxchat import storage
+from flaxchat.config import PipelineConfig
+from flaxchat.manifest import MANIFEST_NAME, read_manifest, verify_files
+from flaxchat.model import GPT
+from flaxchat.tokenizer import META_FILE, Tokenizer
+
+
+class LoadError(ValueError):
+    """A model that cannot be loaded for chat; the message names the path and the fix."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: Tokenizer
+    config: PipelineConfig
+    manifest: dict[str, Any]
+    step: int
+
+
+def _stage_dir(source: str) -> str:
+    """The directory holding the manifest (source may be that directory or the manifest.json)."""
+    source = str(source).rstrip("/")
+    if source.endswith(".json"):
+        return source.rsplit("/", 1)[0] if "/" in source else "."
+    return source
+
+
+def _relocated(manifest_uri: str, stage_dir: str, rel: str) -> str:
+    """`rel` under the manifest's uri, or under the directory it was actually found in."""
+    original = storage.join(manifest_uri, rel)
+    return original if storage.exists(original) else storage.join(stage_dir, rel)
+
+
+def load_tokenizer(manifest: dict[str, Any], stage_dir: str) -> Tokenizer:
+    candidates = [_relocated(manifest["uri"], stage_dir, "tokenizer")]
+    if manifest.get("tokenizer_uri"):
+        candidates.append(manifest["tokenizer_uri"])
+    for directory in candidates:
+        if not storage.exists(storage.join(directory, META_FILE)):
+            continue
+        local = directory if not storage.is_gcs(directory) else storage.fetch_dir(
+            directory, tempfile.mkdtemp(prefix="flaxchat-tok-"))
+        return Tokenizer.load(local)
+    raise LoadError(f"no tokenizer ({META_FILE}) in any of {candidates}; rerun the stage that wrote "
+                    f"{manifest['uri']} (it copies the tokenizer next to its checkpoints)")
+
+
+def abstract_model(config: PipelineConfig) -> GPT:
+    """A GPT whose parameters are ShapeDtypeStructs (no memory, no init compute)."""
+    return nnx.eval_shape(lambda: GPT(config.model, rngs=nnx.Rngs(0)))
+
+
+def restore_model(config: PipelineConfig, state_dir: str, device: jax.Device | None = None) -> GPT:
+    """Read only the 'model' subtree of a training checkpoint's `state` item onto one device."""
+    import orbax.checkpoint as ocp
+
+    shell = abstract_model(config)
+    graphdef, state = nnx.split(shell)
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    pure = nnx.to_pure_dict(state)
+    target = {"model": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), pure)}
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))
+    except Exception as exc:  # orbax raises many types for missing/mismatched checkpoints
+        raise LoadError(f"cannot restore the model from {state_dir} ({type(exc).__name__}: {str(exc)[:300]}); "
+                        f"is the checkpoint complete and was it trained with this config?") from exc
+    nnx.replace_by_pure_dict(state, restored["model"])
+    return nnx.merge(graphdef, state)
+
+
+def load_chat_model(source: str, *, verify: bool = True, device: jax.Device | None = None) -> LoadedModel:
+    """Model + tokenizer from a stage output uri (or its manifest.json), local or gs://.
+    `verify` checks every file's sha256 against the manifest first (local stage dirs only)."""
+    stage_dir = _stage_dir(source)
+    manifest = read_manifest(source if str(source).endswith(".json") else storage.join(stage_dir, MANIFEST_NAME))
+    checkpoint = manifest.get("checkpoint") or {}
+    if checkpoint.get("step") is None or not checkpoint.get("dir"):
+        raise LoadError(f"the {manifest.get('stage')!r} manifest at {source} names no checkpoint "
+                        f"(checkpoint.dir/step); point --model at a stage that trains a model")
+    config = PipelineConfig.from_dict(manifest["config"])
+    if verify and not storage.is_gcs(stage_dir):
+        root = manifest["uri"] if os.path.isdir(manifest["uri"]) else stage_dir
+        verify_files(manifest, root)
+    tokenizer = load_tokenizer(manifest, stage_dir)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise LoadError(f"tokenizer has {tokenizer.vocab_size} tokens but the model was trained with "
+                        f"vocab_size={config.model.vocab_size}; the stage directory {stage_dir} is inconsistent")
+    step = int(checkpoint["step"])
+    ckpt_dir = checkpoint["dir"]
+    if not storage.exists(storage.join(ckpt_dir, str(step))):
+        ckpt_dir = storage.join(stage_dir, "checkpoints")
+    state_dir = storage.join(ckpt_dir, str(step), "state")
+    if not storage.exists(state_dir):
+        raise LoadError(f"checkpoint step {step} not found at {checkpoint['dir']} nor {ckpt_dir}; "
+                        f"rerun or resume the {manifest.get('stage')} stage")
+    model = restore_model(config, state_dir, device)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, manifest=manifest, step=step)
