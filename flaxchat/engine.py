@@ -179,7 +179,8 @@ def run_tool(expr: str, timeout_s: float = TOOL_TIMEOUT_S) -> str:
         return f"error: {err}"
     if result.ok:
         return result.stdout.rstrip("\n")
-    return result.error or result.stderr.strip().splitlines()[-1:][0] if result.stderr.strip() else "error"
+    lines = result.stderr.strip().splitlines()
+    return result.error or (lines[-1] if lines else "error")
 
 
 class Engine:
@@ -249,7 +250,7 @@ class Engine:
             out, n_out = self._speculative.generate(prompts, num_samples, cfg, seed)
             forced = np.zeros_like(out)
         else:
-            st, prefixes = self._start(prompts, num_samples, seed, _steer)
+            st, prefixes = self._start(prompts, num_samples, seed, _steer, use_tools)
             params = self.model.param_tree()
             while True:
                 st = self._segment(params, st, cfg)
@@ -269,7 +270,7 @@ class Engine:
         if num_samples != 1:
             raise EngineError(f"stream yields one row of tokens: num_samples must be 1, got {num_samples}")
         cfg = self._settings(max_tokens, temperature, top_k, top_p, use_tools, stop_tokens)
-        st, prefixes = self._start([prompt], 1, seed, None)
+        st, prefixes = self._start([prompt], 1, seed, None, use_tools)
         params = self.model.param_tree()
         while True:
             st, tok, emitted = self._step(params, st, cfg)
@@ -316,7 +317,7 @@ class Engine:
         row_src[:n_rows] = np.repeat(np.arange(len(prompts)), num_samples)
         return idx, lens, row_src
 
-    def _start(self, prompts, num_samples, seed, steer_rows) -> tuple[DecodeState, list[list[int] | None]]:
+    def _start(self, prompts, num_samples, seed, steer_rows, use_tools) -> tuple[DecodeState, list[list[int] | None]]:
         self._check_prompts(prompts)
         idx, lens, row_src = self._pad_prompts(prompts, num_samples)
         B, N, Q = len(row_src), self.max_len, self.queue_len
@@ -325,7 +326,7 @@ class Engine:
         queue, q_len = np.zeros((B, Q), np.int32), np.zeros(B, np.int32)
         in_py = np.zeros(B, bool)
         prefixes: list[list[int] | None] = [None] * B
-        for r in range(n_rows):
+        for r in range(n_rows if use_tools else 0):
             state, tokens = self._prompt_tool_state(prompts[r // num_samples])
             if state == "open":             # the prompt ends inside a python block
                 in_py[r], prefixes[r] = True, tokens

@@ -50,10 +50,16 @@ def _stage_dir(source: str) -> str:
     return source
 
 
-def _relocated(manifest_uri: str, stage_dir: str, rel: str) -> str:
-    """`rel` under the manifest's uri, or under the directory it was actually found in."""
-    original = storage.join(manifest_uri, rel)
-    return original if storage.exists(original) else storage.join(stage_dir, rel)
+def _relocated(manifest_uri: str, stage_dir: str, path: str) -> str:
+    """`path` (absolute, or relative to the manifest's uri) looked up first next to the manifest as
+    found, so a copied or moved stage directory reads its own files, not the original's."""
+    prefix = manifest_uri.rstrip("/") + "/"
+    rel = path[len(prefix):] if path.startswith(prefix) else (path if "://" not in path and
+                                                             not os.path.isabs(path) else None)
+    if rel is None:
+        return path
+    here = storage.join(stage_dir, rel)
+    return here if storage.exists(here) else storage.join(manifest_uri, rel)
 
 
 def load_tokenizer(manifest: dict[str, Any], stage_dir: str) -> Tokenizer:
@@ -107,19 +113,15 @@ def load_chat_model(source: str, *, verify: bool = True, device: jax.Device | No
                         f"(checkpoint.dir/step); point --model at a stage that trains a model")
     config = PipelineConfig.from_dict(manifest["config"])
     if verify and not storage.is_gcs(stage_dir):
-        root = manifest["uri"] if os.path.isdir(manifest["uri"]) else stage_dir
-        verify_files(manifest, root)
+        verify_files(manifest, stage_dir)
     tokenizer = load_tokenizer(manifest, stage_dir)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise LoadError(f"tokenizer has {tokenizer.vocab_size} tokens but the model was trained with "
                         f"vocab_size={config.model.vocab_size}; the stage directory {stage_dir} is inconsistent")
     step = int(checkpoint["step"])
-    ckpt_dir = checkpoint["dir"]
-    if not storage.exists(storage.join(ckpt_dir, str(step))):
-        ckpt_dir = storage.join(stage_dir, "checkpoints")
-    state_dir = storage.join(ckpt_dir, str(step), "state")
+    state_dir = _relocated(manifest["uri"], stage_dir, storage.join(checkpoint["dir"], str(step), "state"))
     if not storage.exists(state_dir):
-        raise LoadError(f"checkpoint step {step} not found at {checkpoint['dir']} nor {ckpt_dir}; "
+        raise LoadError(f"checkpoint step {step} not found at {state_dir}; "
                         f"rerun or resume the {manifest.get('stage')} stage")
     model = restore_model(config, state_dir, device)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, manifest=manifest, step=step)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -106,7 +107,8 @@ def parse_chat_request(raw: bytes, defaults: SamplingParams) -> tuple[list[dict[
         top_k=_number(body, "top_k", defaults.top_k, *TOP_K_RANGE, integer=True),
         max_tokens=_number(body, "max_tokens", defaults.max_tokens, *MAX_TOKENS_RANGE, integer=True),
         top_p=_number(body, "top_p", defaults.top_p, 0.0, 1.0, integer=False),
-        seed=_number(body, "seed", defaults.seed, 0, 2**31 - 1, integer=True),
+        # no seed given: a fresh one, so "regenerate" gives a different reply at temperature > 0
+        seed=_number(body, "seed", random.randrange(2**31), 0, 2**31 - 1, integer=True),
         use_tools=defaults.use_tools)
     if params.top_p <= 0.0:
         raise RequestError("top_p", "top_p must be in (0, 1]")
@@ -238,7 +240,9 @@ class ServerThread:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flaxchat.chat.server", description="Serve a chat web UI.")
-    parser.add_argument("--model", required=True, help="a stage output uri or its manifest.json")
+    parser.add_argument("--model", help="a stage output uri or its manifest.json")
+    parser.add_argument("--demo", action="store_true",
+                        help="no model: a byte-level tokenizer and a scripted reply (to try the UI)")
     parser.add_argument("--workers", type=int, default=1, help="model workers (concurrent generations)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -249,6 +253,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    if args.demo:
+        from flaxchat.chat.workers import ScriptedEngine
+        from flaxchat.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
+        reply = "This is flaxchat's demo engine: no model is loaded. Ünïcödé and emoji 🚀 stream fine."
+        app = create_app(lambda: ScriptedEngine(tokenizer, reply, delay=0.03), tokenizer, num_workers=args.workers)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        return 0
+    if not args.model:
+        parser.error("--model is required (or --demo)")
     from flaxchat.chat.loading import LoadError, load_chat_model
     try:
         loaded = load_chat_model(args.model)

@@ -216,3 +216,25 @@ class WorkerPool:
                     self._errors += 1
                 else:
                     self._served += 1
+
+
+class ScriptedEngine:
+    """A stand-in engine that streams a fixed reply, `delay` seconds per token, then
+    <|assistant_end|>: for UI work without a model (`server --demo`) and for tests.
+    `calls` records each (prompt, sampling kwargs); `yielded` counts tokens handed out."""
+
+    def __init__(self, tokenizer: Any, reply: str, delay: float = 0.0):
+        self.reply_ids = list(tokenizer.encode(reply)) + [tokenizer.encode_special("<|assistant_end|>")]
+        self.delay = delay
+        self.calls: list[tuple[list[int], dict[str, Any]]] = []
+        self.yielded = 0
+
+    def stream(self, prompt: list[int], *, max_tokens: int = 256, **sampling: Any) -> Iterator[int]:
+        import time
+
+        self.calls.append((list(prompt), {"max_tokens": max_tokens, **sampling}))
+        for token in self.reply_ids[:max_tokens]:
+            if self.delay:
+                time.sleep(self.delay)
+            self.yielded += 1
+            yield token

@@ -24,10 +24,9 @@ locals {
   tpu_topology_dims = {
     for name, pool in var.tpu_pools : name => [for d in split("x", pool.topology) : tonumber(d)]
   }
+  # "2x4" or "2x2x2": product of the 2 or 3 dimensions
   tpu_topology_chips = {
-    for name, dims in local.tpu_topology_dims : name => (
-      length(dims) == 2 ? dims[0] * dims[1] : dims[0] * dims[1] * dims[2]
-    )
+    for name, dims in local.tpu_topology_dims : name => dims[0] * dims[1] * try(dims[2], 1)
   }
 
   tpu_node_selectors = {

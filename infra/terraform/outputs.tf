@@ -1,6 +1,14 @@
 # Everything infra/README.md needs after `terraform apply`: read them with
 # `terraform -chdir=infra/terraform output -raw NAME`.
 
+output "project_id" {
+  value = var.project_id
+}
+
+output "region" {
+  value = var.region
+}
+
 output "get_credentials_command" {
   description = "Points kubectl at the cluster."
   value       = "gcloud container clusters get-credentials ${google_container_cluster.this.name} --zone ${var.zone} --project ${var.project_id}"
