@@ -104,6 +104,13 @@ def prefill(params: dict, spec: ModelSpec, max_len: int, idx: jax.Array, lens: j
     return cache, logits[rows, last][row_src]
 
 
+def inference_params(params: dict, spec: ModelSpec) -> dict:
+    """Matrices and embedding tables cast to the compute dtype once per call, so each decode step
+    reads bf16 instead of fp32 masters (the model casts every one of them before use anyway, so the
+    result is identical); the fp32 scalars and per-layer lambdas are left alone."""
+    return jax.tree.map(lambda x: x.astype(spec.dtype) if x.ndim >= 2 else x, params)
+
+
 def row_keys(seed: jax.Array, n_rows: int) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(seed), r))(jnp.arange(n_rows))
 
@@ -251,7 +258,7 @@ class Engine:
             forced = np.zeros_like(out)
         else:
             st, prefixes = self._start(prompts, num_samples, seed, _steer, use_tools)
-            params = self.model.param_tree()
+            params = inference_params(self.model.param_tree(), self.spec)
             while True:
                 st = self._segment(params, st, cfg)
                 needs = np.asarray(st.needs_tool)
@@ -271,7 +278,7 @@ class Engine:
             raise EngineError(f"stream yields one row of tokens: num_samples must be 1, got {num_samples}")
         cfg = self._settings(max_tokens, temperature, top_k, top_p, use_tools, stop_tokens)
         st, prefixes = self._start([prompt], 1, seed, None, use_tools)
-        params = self.model.param_tree()
+        params = inference_params(self.model.param_tree(), self.spec)
         while True:
             st, tok, emitted = self._step(params, st, cfg)
             done, emitted, needs = jax.device_get((st.done[0], emitted[0], st.needs_tool))
@@ -322,7 +329,8 @@ class Engine:
         idx, lens, row_src = self._pad_prompts(prompts, num_samples)
         B, N, Q = len(row_src), self.max_len, self.queue_len
         n_rows = len(prompts) * num_samples
-        cache, logits, keys = self._prefill(self.model.param_tree(), idx, lens, row_src, np.int32(seed))
+        params = inference_params(self.model.param_tree(), self.spec)
+        cache, logits, keys = self._prefill(params, idx, lens, row_src, np.int32(seed))
         queue, q_len = np.zeros((B, Q), np.int32), np.zeros(B, np.int32)
         in_py = np.zeros(B, bool)
         prefixes: list[list[int] | None] = [None] * B

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxchat.engine import inference_params, prefill, row_keys
 from flaxchat.kv_cache import KVCache, decode
 from flaxchat.model import ModelSpec, embed_tokens
 from flaxchat.sampling import sample_tokens, token_probs
@@ -114,7 +115,6 @@ class SpeculativeDecoder:
     def __init__(self, engine, draft, k: int):
         if k < 1:
             raise ValueError(f"spec_k={k} must be >= 1 (draft tokens proposed per target forward)")
-        from flaxchat.engine import prefill, row_keys
         self.engine, self.draft, self.k = engine, draft, k
         counts, tspec, dspec, max_len = engine.compile_counts, engine.spec, draft.spec, engine.max_len
 
@@ -142,7 +142,8 @@ class SpeculativeDecoder:
         lens = np.array([len(p) - 1 for p in prompts] + [0] * (len(lens) - len(prompts)), np.int32)
         B, N = len(row_src), eng.max_len
         n_rows = len(prompts) * num_samples
-        tparams, dparams = eng.model.param_tree(), self.draft.param_tree()
+        tparams = inference_params(eng.model.param_tree(), eng.spec)
+        dparams = inference_params(self.draft.param_tree(), self.draft.spec)
         tcache, dcache, keys = self._prefill(tparams, dparams, idx, lens, row_src, np.int32(seed))
         cur = np.zeros(B, np.int32)
         cur[:n_rows] = np.repeat([p[-1] for p in prompts], num_samples)

@@ -1,0 +1,144 @@
+"""Inference engine benchmark: decode tokens/s by batch, compile count, speculative speed-up.
+
+    uv run python bench/engine_bench.py                 # CPU: depth 4 and 6, batch 1/8/32 (~minutes)
+    uv run python bench/engine_bench.py --tokens 16     # quicker
+    uv run python bench/engine_bench.py --gpu           # d12 and d20 at max_len 2048, bf16
+
+Models have random weights (speed does not depend on them) and a stub tokenizer (vocab 8192 on CPU,
+32768 on GPU; only the special-token ids matter). Decode tokens/s = generated tokens / wall time
+of a second, already compiled `generate` call (greedy, no stop tokens, 16-token prompts, so prefill
+is a small part). Speculative rows: a d4 draft in front of a deeper target; with random weights the
+draft rarely agrees with the target, so the acceptance (tokens per target forward) and the speed-up
+are lower bounds of what a trained draft gives; the self-draft row shows the all-accepted case.
+GPU bandwidth utilisation = (bf16 block matrices + lm_head + the KV cache slots each step reads) *
+steps/s / the chip's HBM bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flaxchat.config import ModelConfig
+from flaxchat.engine import Engine
+from flaxchat.tokenizer_specials import SPECIAL_TOKENS
+
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+class StubTokenizer:
+    """Ids only: the specials take the last 9 ids, as in flaxchat's tokenizer."""
+
+    def __init__(self, vocab_size: int):
+        self.special_tokens = {name: vocab_size - len(SPECIAL_TOKENS) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.bos_token_id = self.special_tokens["<|bos|>"]
+
+    def encode_special(self, name: str) -> int:
+        return self.special_tokens[name]
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 256 for c in text]
+
+    def decode(self, ids) -> str:
+        return ""
+
+
+def build(depth: int, vocab: int, seq: int, dtype: str):
+    from flaxchat.model import GPT
+    cfg = ModelConfig(depth=depth, vocab_size=vocab, sequence_len=seq, compute_dtype=dtype)
+    cfg.derive()
+    return GPT(cfg, nnx.Rngs(depth))
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def prompts(batch: int, vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(batch)
+    return [rng.integers(0, vocab - 16, 16).tolist() for _ in range(batch)]
+
+
+def decode_rate(engine: Engine, batch: int, tokens: int, vocab: int) -> tuple[float, float]:
+    """(compile+first call seconds, tokens/s of the second call)."""
+    p = prompts(batch, vocab)
+    kw = dict(max_tokens=tokens, temperature=0.0, stop_tokens=[], use_tools=False)
+    first, _ = timed(lambda: engine.generate(p, **kw))
+    secs, out = timed(lambda: engine.generate(p, **kw))
+    return first, sum(len(c[0].tokens) for c in out) / secs
+
+
+def model_bytes_per_step(model, engine: Engine, batch: int) -> float:
+    """Bytes one decode step must read: bf16 block matrices and lm_head, plus every KV slot."""
+    s = model.spec
+    params = model.param_tree()
+    blocks = sum(x.size for x in jax.tree.leaves(params["blocks"]))
+    weights = (blocks + params["lm_head"].size) * s.dtype.itemsize
+    cache = 2 * s.n_layer * batch * engine.max_len * s.kv_dim * s.dtype.itemsize
+    return weights + cache
+
+
+def run(depths: list[int], batches: list[int], tokens: int, vocab: int, max_len: int, dtype: str,
+        gpu: bool) -> None:
+    tok = StubTokenizer(vocab)
+    kind = jax.devices()[0].device_kind
+    hbm = next((bw for name, bw in HBM_BYTES_PER_S.items() if name in kind), None)
+    print(f"device: {kind}  dtype {dtype}  vocab {vocab}  max_len {max_len}  tokens/row {tokens}")
+    print(f"{'depth':>5} {'batch':>5} {'first call s':>12} {'tok/s':>10} {'steps/s':>8} {'compiles':>8}"
+          + (f" {'GB/s':>7} {'HBM util':>8}" if gpu else ""))
+    for depth in depths:
+        model = build(depth, vocab, max_len, dtype)
+        engine = Engine(model, tok, max_len=max_len)
+        for batch in batches:
+            first, rate = decode_rate(engine, batch, tokens, vocab)
+            line = f"{depth:>5} {batch:>5} {first:>12.2f} {rate:>10.1f} {rate / batch:>8.1f} {engine.compile_count:>8}"
+            if gpu:
+                gbs = model_bytes_per_step(model, engine, batch) * rate / batch / 1e9
+                line += f" {gbs:>7.0f} {gbs * 1e9 / hbm:>8.1%}" if hbm else f" {gbs:>7.0f} {'?':>8}"
+            print(line, flush=True)
+
+
+def run_speculative(target_depth: int, draft_depth: int, tokens: int, vocab: int, max_len: int, dtype: str,
+                    k: int) -> None:
+    tok = StubTokenizer(vocab)
+    target, draft = build(target_depth, vocab, max_len, dtype), build(draft_depth, vocab, max_len, dtype)
+    print(f"\nspeculative, batch 1, k={k}, target d{target_depth}: plain vs draft")
+    print(f"{'draft':>8} {'tok/s':>10} {'speed-up':>8} {'tok/fwd':>8} {'same tokens':>11}")
+    plain = Engine(target, tok, max_len=max_len)
+    _, base = decode_rate(plain, 1, tokens, vocab)
+    want = plain.generate(prompts(1, vocab), max_tokens=tokens, temperature=0.0, stop_tokens=[], use_tools=False)
+    print(f"{'none':>8} {base:>10.1f} {1.0:>8.2f} {1.0:>8.2f} {'-':>11}")
+    for name, d in ((f"d{draft_depth}", draft), ("self", target)):
+        eng = Engine(target, tok, max_len=max_len, draft=d, spec_k=k)
+        _, rate = decode_rate(eng, 1, tokens, vocab)
+        got = eng.generate(prompts(1, vocab), max_tokens=tokens, temperature=0.0, stop_tokens=[], use_tools=False)
+        per_fwd = tokens / eng._speculative.last_target_forwards
+        print(f"{name:>8} {rate:>10.1f} {rate / base:>8.2f} {per_fwd:>8.2f} {str(got[0][0].tokens == want[0][0].tokens):>11}",
+              flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true", help="d12/d20, bf16, vocab 32768, max_len 2048")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens generated per row")
+    ap.add_argument("--k", type=int, default=4, help="speculative draft length")
+    args = ap.parse_args()
+    if args.gpu:
+        tokens = args.tokens or 256
+        run([12, 20], [1, 8, 32], tokens, 32768, 2048, "bfloat16", gpu=True)
+        run_speculative(20, 4, tokens, 32768, 2048, "bfloat16", args.k)
+    else:
+        tokens = args.tokens or 32
+        run([4, 6], [1, 8, 32], tokens, 8192, 128, "float32", gpu=False)
+        run_speculative(8, 4, tokens, 8192, 128, "float32", args.k)
+
+
+if __name__ == "__main__":
+    main()
