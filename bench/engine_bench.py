@@ -10,6 +10,7 @@ of a second, already compiled `generate` call (greedy, no stop tokens, 16-token 
 is a small part). Speculative rows: a d4 draft in front of a deeper target; with random weights the
 draft rarely agrees with the target, so the acceptance (tokens per target forward) and the speed-up
 are lower bounds of what a trained draft gives; the self-draft row shows the all-accepted case.
+compiles* = cumulative decode-loop compilations of the engine (one per batch bucket).
 GPU bandwidth utilisation = (bf16 block matrices + lm_head + the KV cache slots each step reads) *
 steps/s / the chip's HBM bandwidth.
 """
@@ -91,14 +92,14 @@ def run(depths: list[int], batches: list[int], tokens: int, vocab: int, max_len:
     kind = jax.devices()[0].device_kind
     hbm = next((bw for name, bw in HBM_BYTES_PER_S.items() if name in kind), None)
     print(f"device: {kind}  dtype {dtype}  vocab {vocab}  max_len {max_len}  tokens/row {tokens}")
-    print(f"{'depth':>5} {'batch':>5} {'first call s':>12} {'tok/s':>10} {'steps/s':>8} {'compiles':>8}"
+    print(f"{'depth':>5} {'batch':>5} {'first call s':>12} {'tok/s':>10} {'steps/s':>8} {'compiles*':>9}"
           + (f" {'GB/s':>7} {'HBM util':>8}" if gpu else ""))
     for depth in depths:
         model = build(depth, vocab, max_len, dtype)
         engine = Engine(model, tok, max_len=max_len)
         for batch in batches:
             first, rate = decode_rate(engine, batch, tokens, vocab)
-            line = f"{depth:>5} {batch:>5} {first:>12.2f} {rate:>10.1f} {rate / batch:>8.1f} {engine.compile_count:>8}"
+            line = f"{depth:>5} {batch:>5} {first:>12.2f} {rate:>10.1f} {rate / batch:>8.1f} {engine.compile_count:>9}"
             if gpu:
                 gbs = model_bytes_per_step(model, engine, batch) * rate / batch / 1e9
                 line += f" {gbs:>7.0f} {gbs * 1e9 / hbm:>8.1%}" if hbm else f" {gbs:>7.0f} {'?':>8}"
