@@ -20,7 +20,6 @@ from functools import cache
 from pathlib import Path
 
 import hcl2
-import pytest
 import yaml
 from hcl2 import SerializationOptions
 

@@ -7,44 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxchat.config import ModelConfig
 from flaxchat.engine import Engine
-from flaxchat.model import ModelSpec, gpt_forward, init_params
+from flaxchat.model import gpt_forward
 from flaxchat.sampling import token_probs
-from flaxchat.tokenizer import Tokenizer
-
-MAX_LEN = 64
-
-
-class TinyModel:
-    def __init__(self, vocab_size: int, depth: int = 2, seed: int = 0):
-        cfg = ModelConfig(depth=depth, aspect_ratio=32, head_dim=32, sequence_len=MAX_LEN, vocab_size=vocab_size,
-                          window_pattern="L", compute_dtype="float32")
-        cfg.derive()
-        self.spec = ModelSpec.from_config(cfg)
-        leaves, treedef = jax.tree.flatten(jax.jit(init_params, static_argnums=0)(self.spec, jax.random.PRNGKey(seed)))
-        rng = np.random.default_rng(seed)
-        p = jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(size=x.shape) / np.sqrt(x.shape[-2] if x.ndim >= 2 else 1),
-                                                     jnp.float32) for x in leaves])
-        p["lm_head"] = p["lm_head"] * 3.0
-        p["smear_lambda"], p["backout_lambda"] = jnp.asarray(0.8), jnp.asarray(0.3)
-        self.params = p
-
-    def param_tree(self):
-        return self.params
-
+from tiny_models import MAX_LEN, TinyModel, tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def tok():
-    rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "to", "a", "big", "red", "sum", "print", "range"]
-    texts = [" ".join(rng.choice(words, 12)) + f" {rng.integers(0, 1000)}" for _ in range(200)]
-    return Tokenizer.train(texts, vocab_size=300)
+    return tiny_tokenizer(with_sums=False)
 
 
 @pytest.fixture(scope="module")
 def target(tok):
-    return TinyModel(tok.vocab_size, seed=0)
+    return TinyModel(tok.vocab_size, resid_jitter=False, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +30,7 @@ def plain(tok, target):
 @pytest.fixture(scope="module")
 def spec3(tok, target):
     """Target with a shallower, differently seeded draft: it disagrees often."""
-    return Engine(target, tok, max_len=MAX_LEN, draft=TinyModel(tok.vocab_size, depth=1, seed=7), spec_k=3)
+    return Engine(target, tok, max_len=MAX_LEN, draft=TinyModel(tok.vocab_size, resid_jitter=False, depth=1, seed=7), spec_k=3)
 
 
 def prompts_of(tok):
@@ -99,7 +74,7 @@ def test_stop_token_and_tool_refusal(tok, plain, spec3):
 
 
 def test_sampling_seeded_and_first_token_follows_target(tok, target):
-    draft = TinyModel(tok.vocab_size, depth=1, seed=5)
+    draft = TinyModel(tok.vocab_size, resid_jitter=False, depth=1, seed=5)
     spec = Engine(target, tok, max_len=16, draft=draft, spec_k=2)
     prompt = [tok.bos_token_id] + tok.encode("the cat")
     kw = dict(num_samples=256, max_tokens=1, temperature=1.0, top_k=6, stop_tokens=[], use_tools=False)
