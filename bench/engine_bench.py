@@ -1,4 +1,5 @@
-"""Inference engine benchmark: decode tokens/s by batch, compile count, speculative speed-up.
+"""Inference engine benchmark: decode tokens/s by batch and compile count (speculative decoding,
+which needs a trained draft and target, is measured by bench/speculative_bench.py).
 
     uv run python bench/engine_bench.py                 # CPU: depth 4 and 6, batch 1/8/32 (~minutes)
     uv run python bench/engine_bench.py --tokens 16     # quicker
@@ -7,9 +8,7 @@
 Models have random weights (speed does not depend on them) and a stub tokenizer (vocab 8192 on CPU,
 32768 on GPU; only the special-token ids matter). Decode tokens/s = generated tokens / wall time
 of a second, already compiled `generate` call (greedy, no stop tokens, 16-token prompts, so prefill
-is a small part). Speculative rows: a d4 draft in front of a deeper target; with random weights the
-draft rarely agrees with the target, so the acceptance (tokens per target forward) and the speed-up
-are lower bounds of what a trained draft gives; the self-draft row shows the all-accepted case.
+is a small part).
 compiles* = cumulative decode-loop compilations of the engine (one per batch bucket).
 GPU bandwidth utilisation = (bf16 block matrices + lm_head + the KV cache slots each step reads) *
 steps/s / the chip's HBM bandwidth.
@@ -21,7 +20,6 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -106,39 +104,17 @@ def run(depths: list[int], batches: list[int], tokens: int, vocab: int, max_len:
             print(line, flush=True)
 
 
-def run_speculative(target_depth: int, draft_depth: int, tokens: int, vocab: int, max_len: int, dtype: str,
-                    k: int) -> None:
-    tok = StubTokenizer(vocab)
-    target, draft = build(target_depth, vocab, max_len, dtype), build(draft_depth, vocab, max_len, dtype)
-    print(f"\nspeculative, batch 1, k={k}, target d{target_depth}: plain vs draft")
-    print(f"{'draft':>8} {'tok/s':>10} {'speed-up':>8} {'tok/fwd':>8} {'same tokens':>11}")
-    plain = Engine(target, tok, max_len=max_len)
-    _, base = decode_rate(plain, 1, tokens, vocab)
-    want = plain.generate(prompts(1, vocab), max_tokens=tokens, temperature=0.0, stop_tokens=[], use_tools=False)
-    print(f"{'none':>8} {base:>10.1f} {1.0:>8.2f} {1.0:>8.2f} {'-':>11}")
-    for name, d in ((f"d{draft_depth}", draft), ("self", target)):
-        eng = Engine(target, tok, max_len=max_len, draft=d, spec_k=k)
-        _, rate = decode_rate(eng, 1, tokens, vocab)
-        got = eng.generate(prompts(1, vocab), max_tokens=tokens, temperature=0.0, stop_tokens=[], use_tools=False)
-        per_fwd = tokens / eng._speculative.last_target_forwards
-        print(f"{name:>8} {rate:>10.1f} {rate / base:>8.2f} {per_fwd:>8.2f} {str(got[0][0].tokens == want[0][0].tokens):>11}",
-              flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="d12/d20, bf16, vocab 32768, max_len 2048")
     ap.add_argument("--tokens", type=int, default=None, help="tokens generated per row")
-    ap.add_argument("--k", type=int, default=4, help="speculative draft length")
     args = ap.parse_args()
     if args.gpu:
         tokens = args.tokens or 256
         run([12, 20], [1, 8, 32], tokens, 32768, 2048, "bfloat16", gpu=True)
-        run_speculative(20, 4, tokens, 32768, 2048, "bfloat16", args.k)
     else:
         tokens = args.tokens or 32
         run([4, 6], [1, 8, 32], tokens, 8192, 128, "float32", gpu=False)
-        run_speculative(8, 4, tokens, 8192, 128, "float32", args.k)
 
 
 if __name__ == "__main__":

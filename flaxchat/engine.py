@@ -21,7 +21,8 @@ yields each token as it is decoded, tool outputs included.
 
 Sampling keys are fold_in(fold_in(seed, row), token index), so a row's tokens do not depend on the
 other rows in the batch or on where tool calls interrupted the loop. With `draft` set, greedy and
-sampled generation without tools run speculatively (flaxchat.speculative).
+sampled generation run speculatively (flaxchat.speculative), tool calls included; `stream`
+always decodes one token per step.
 """
 
 from __future__ import annotations
@@ -250,22 +251,21 @@ class Engine:
         if sampled at indices 0.. (-1 = sample), to drive the tool protocol deterministically."""
         cfg = self._settings(max_tokens, temperature, top_k, top_p, use_tools, stop_tokens)
         n_rows = len(prompts) * num_samples
-        if self._speculative is not None and _steer is None:
-            if use_tools:
-                raise EngineError("speculative decoding does not run tools yet: pass use_tools=False, "
-                                  "or build the Engine without a draft")
-            out, n_out = self._speculative.generate(prompts, num_samples, cfg, seed)
-            forced = np.zeros_like(out)
+        if self._speculative is not None:
+            st, prefixes = self._speculative.start(prompts, num_samples, seed, _steer, use_tools)
+            params, segment = self._speculative.params(), self._speculative.segment
         else:
             st, prefixes = self._start(prompts, num_samples, seed, _steer, use_tools)
-            params = inference_params(self.model.param_tree(), self.spec)
-            while True:
-                st = self._segment(params, st, cfg)
-                needs = np.asarray(st.needs_tool)
-                if not needs.any():
-                    break
-                st = self._serve_tools(st, needs, prefixes)
-            out, forced, n_out = np.asarray(st.out), np.asarray(st.forced), np.asarray(st.n_out)
+            params, segment = inference_params(self.model.param_tree(), self.spec), self._segment
+        while True:
+            st = segment(params, st, cfg)
+            needs = np.asarray(st.needs_tool)
+            if not needs.any():
+                break
+            st = self._serve_tools(st, needs, prefixes)
+        if self._speculative is not None:
+            self._speculative.last_target_forwards = int(st.steps)
+        out, forced, n_out = np.asarray(st.out), np.asarray(st.forced), np.asarray(st.n_out)
         stops = set(np.asarray(cfg.stop_tokens).tolist()) - {-1}
         done = [self._completion(out[r, :n_out[r]], forced[r, :n_out[r]], stops) for r in range(n_rows)]
         return [done[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
@@ -327,14 +327,24 @@ class Engine:
     def _start(self, prompts, num_samples, seed, steer_rows, use_tools) -> tuple[DecodeState, list[list[int] | None]]:
         self._check_prompts(prompts)
         idx, lens, row_src = self._pad_prompts(prompts, num_samples)
-        B, N, Q = len(row_src), self.max_len, self.queue_len
+        B, N = len(row_src), self.max_len
         n_rows = len(prompts) * num_samples
         params = inference_params(self.model.param_tree(), self.spec)
         cache, logits, keys = self._prefill(params, idx, lens, row_src, np.int32(seed))
+        tools, prefixes = self._tool_start(prompts, num_samples, B, steer_rows, use_tools)
+        zeros = np.zeros(B, np.int32)
+        st = DecodeState(cache=cache, logits=logits, out=np.zeros((B, N), np.int32), forced=np.zeros((B, N), np.int32),
+                         n_out=zeros, done=np.arange(B) >= n_rows, row_key=keys, **tools)
+        return jax.tree.map(jnp.asarray, st), prefixes
+
+    def _tool_start(self, prompts, num_samples, B, steer_rows, use_tools) -> tuple[dict, list[list[int] | None]]:
+        """The tool fields of a fresh decode state (queue, q_head, q_len, in_py, py_start, needs_tool,
+        steer) for B rows, and per row the expression opened in its prompt (or None)."""
+        N, Q = self.max_len, self.queue_len
         queue, q_len = np.zeros((B, Q), np.int32), np.zeros(B, np.int32)
         in_py = np.zeros(B, bool)
         prefixes: list[list[int] | None] = [None] * B
-        for r in range(n_rows if use_tools else 0):
+        for r in range(len(prompts) * num_samples if use_tools else 0):
             state, tokens = self._prompt_tool_state(prompts[r // num_samples])
             if state == "open":             # the prompt ends inside a python block
                 in_py[r], prefixes[r] = True, tokens
@@ -345,10 +355,8 @@ class Engine:
         for r, row in enumerate(steer_rows or []):
             steer[r, :len(row)] = row
         zeros = np.zeros(B, np.int32)
-        st = DecodeState(cache=cache, logits=logits, out=np.zeros((B, N), np.int32), forced=np.zeros((B, N), np.int32),
-                         n_out=zeros, done=np.arange(B) >= n_rows, queue=queue, q_head=zeros, q_len=q_len,
-                         in_py=in_py, py_start=zeros, needs_tool=np.zeros(B, bool), row_key=keys, steer=steer)
-        return jax.tree.map(jnp.asarray, st), prefixes
+        return dict(queue=queue, q_head=zeros, q_len=q_len, in_py=in_py, py_start=zeros,
+                    needs_tool=np.zeros(B, bool), steer=steer), prefixes
 
     def _prompt_tool_state(self, prompt: list[int]) -> tuple[str, list[int]]:
         """('open', expr so far) / ('closed', expr) / ('none', []) for the prompt's last python block."""

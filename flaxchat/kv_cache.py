@@ -49,8 +49,11 @@ def init_cache(spec: ModelSpec, batch_size: int, max_len: int, dtype: jnp.dtype 
                    prev_embed=jnp.zeros((batch_size, spec.n_embd), spec.dtype))
 
 
-def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array) -> tuple[jax.Array, KVCache]:
-    """Run idx (B,T) through the model after what the cache holds. -> (logits (B,T,vocab) fp32, cache)."""
+def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array,
+           unroll: int | bool = 1) -> tuple[jax.Array, KVCache]:
+    """Run idx (B,T) through the model after what the cache holds. -> (logits (B,T,vocab) fp32, cache).
+    `unroll` is the layer scan's: True for a small model stepped many times inside another loop (the
+    speculative draft), where a loop per forward costs more than its layers."""
     s = spec
     B, T = idx.shape
     positions = cache.pos[:, None] + jnp.arange(T, dtype=jnp.int32)[None]      # (B,T)
@@ -74,11 +77,11 @@ def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array) -> tup
         return (x, x_mid, k_all, v_all), None
 
     init = (x0, jnp.zeros_like(x0), cache.k, cache.v)
-    (x, x_mid, k_all, v_all), _ = jax.lax.scan(body, init, layer_inputs(params, s))
+    (x, x_mid, k_all, v_all), _ = jax.lax.scan(body, init, layer_inputs(params, s), unroll=unroll)
     logits = softcap_logits(head_raw(params, s, x, x_mid), s)
     return logits, KVCache(k=k_all, v=v_all, pos=cache.pos + T, prev_embed=x_emb[:, -1])
 
 
-def jit_decode(spec: ModelSpec):
+def jit_decode(spec: ModelSpec, unroll: int | bool = 1):
     """decode jitted for `spec`, donating the cache buffers: fn(params, cache, idx) -> (logits, cache)."""
-    return jax.jit(lambda params, cache, idx: decode(params, spec, cache, idx), donate_argnums=(1,))
+    return jax.jit(lambda params, cache, idx: decode(params, spec, cache, idx, unroll), donate_argnums=(1,))

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import secrets
-import selectors
 import shutil
 import signal
 import stat
@@ -39,6 +38,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 from flaxchat import sandbox_runner
+from flaxchat.sandbox_io import Capture, exited, pump
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ _EXTRA_PROCESSES = 16  # RLIMIT_NPROC headroom; threads count against it too
 _UID_BASE, _UID_SPAN = 1_500_000_000, 100_000_000  # per-run uids, far from any real account
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _SYSTEM_FILES = ("/etc/ld.so.cache",)
-_READ_CHUNK = 65536
 _DRAIN_GRACE_S = 1.0  # after a kill, how long to wait for the pipes to report end of file
 
 
@@ -205,78 +204,6 @@ def _bwrap_argv(interpreter: str, base_dir: str, work_dir: str, as_root: bool) -
 
 
 # --- running -----------------------------------------------------------------------------------
-class _Capture:
-    """At most `limit` bytes of a stream, read as it comes: its head and, with keep_tail, its end."""
-
-    def __init__(self, limit: int, keep_tail: bool):
-        self.tail_limit = limit // 2 if keep_tail else 0
-        self.head_limit = limit - self.tail_limit
-        self.head, self.tail, self.total = bytearray(), bytearray(), 0
-
-    def add(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        room = self.head_limit - len(self.head)
-        if room > 0:
-            self.head += chunk[:room]
-            chunk = chunk[room:]
-        if self.tail_limit and chunk:
-            self.tail += chunk[-self.tail_limit:]
-            del self.tail[: max(0, len(self.tail) - self.tail_limit)]
-
-    @property
-    def truncated(self) -> bool:
-        return self.total > len(self.head) + len(self.tail)
-
-    def text(self) -> str:
-        head = self.head.decode("utf-8", errors="replace")
-        if not self.tail:
-            return head
-        dropped = self.total - len(self.head) - len(self.tail)
-        marker = f"\n...[{dropped} bytes truncated]...\n" if dropped else ""
-        return head[: self.head_limit - len(marker)] + marker + self.tail.decode("utf-8", errors="replace")
-
-
-def _pump(streams: dict, deadline: float) -> bool:
-    """Read every stream into its capture until all reach end of file; False at the deadline."""
-    selector = selectors.DefaultSelector()
-    for stream, capture in streams.items():
-        os.set_blocking(stream.fileno(), False)
-        selector.register(stream.fileno(), selectors.EVENT_READ, capture)
-    try:
-        while selector.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            for key, _ in selector.select(remaining):
-                try:
-                    chunk = os.read(key.fd, _READ_CHUNK)
-                except BlockingIOError:
-                    continue
-                if chunk:
-                    key.data.add(chunk)
-                else:
-                    selector.unregister(key.fd)
-        return True
-    finally:
-        selector.close()
-
-
-def _exited(pid: int, deadline: float) -> bool:
-    """Wait for the child to exit WITHOUT reaping it, so its pid still pins the process group."""
-    delay = 0.001
-    while True:
-        try:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-        except ChildProcessError:
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.05)
-
-
 def _kill_uid(uid: int) -> None:
     """Kill whatever still runs under this run's private uid (only reachable in rlimit mode)."""
     for entry in os.listdir("/proc"):
@@ -375,13 +302,13 @@ def _execute(code: str, timeout_s: float, memory_mb: int | None, max_output_byte
 
 def _supervise(argv: list[str], env: dict[str, str], work_dir: str, timeout_s: float,
                memory_mb: int | None, max_output_bytes: int, mode: str, private_uid: int | None) -> ExecutionResult:
-    stdout, stderr = _Capture(max_output_bytes, keep_tail=False), _Capture(max_output_bytes, keep_tail=True)
+    stdout, stderr = Capture(max_output_bytes, keep_tail=False), Capture(max_output_bytes, keep_tail=True)
     deadline = time.monotonic() + timeout_s
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                cwd=work_dir, env=env, start_new_session=True, close_fds=True)
     try:
-        finished = _pump({process.stdout: stdout, process.stderr: stderr}, deadline)
-        finished = finished and _exited(process.pid, deadline)
+        finished = pump({process.stdout: stdout, process.stderr: stderr}, deadline)
+        finished = finished and exited(process.pid, deadline)
         try:  # the leader is alive or a zombie, so this group id cannot have been reused
             os.killpg(process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -390,7 +317,7 @@ def _supervise(argv: list[str], env: dict[str, str], work_dir: str, timeout_s: f
         if private_uid is not None and mode == "rlimit":
             _kill_uid(private_uid)
         if not finished:
-            _pump({process.stdout: stdout, process.stderr: stderr}, time.monotonic() + _DRAIN_GRACE_S)
+            pump({process.stdout: stdout, process.stderr: stderr}, time.monotonic() + _DRAIN_GRACE_S)
     finally:
         process.stdout.close()
         process.stderr.close()
@@ -400,7 +327,7 @@ def _supervise(argv: list[str], env: dict[str, str], work_dir: str, timeout_s: f
     return _result(process.returncode, not finished, stdout, stderr, timeout_s, memory_mb, mode)
 
 
-def _result(returncode: int, timed_out: bool, stdout: _Capture, stderr: _Capture, timeout_s: float,
+def _result(returncode: int, timed_out: bool, stdout: Capture, stderr: Capture, timeout_s: float,
             memory_mb: int | None, mode: str) -> ExecutionResult:
     # bwrap reports a program killed by signal N as exit status 128 + N
     signal_number = -returncode if returncode < 0 else (returncode - 128 if mode == "bwrap" and returncode > 128 else 0)
@@ -446,30 +373,3 @@ def run_code(code: str, timeout_s: float = 5.0, memory_mb: int | None = 512, max
     if mode == "bwrap" and not bwrap_available():
         raise SandboxError(f"bwrap mode requested but bubblewrap does not work here ({_bwrap_status[1]})")
     return _execute(code, timeout_s, memory_mb, max_output_bytes, files, mode)
-
-
-# --- HumanEval ---------------------------------------------------------------------------------
-def _leading_imports(prompt: str) -> str:
-    """The import lines at the top of a HumanEval prompt (a chat completion may omit them)."""
-    imports = []
-    for line in prompt.splitlines():
-        stripped = line.strip()
-        if stripped.startswith(("import ", "from ")):
-            imports.append(stripped)
-        elif stripped and not stripped.startswith("#"):
-            break
-    return "\n".join(imports)
-
-
-def humaneval_program(problem: dict, completion: str, *, completion_is_full_function: bool = False) -> str:
-    """prompt + completion + test + check(entry_point); a full-function completion (chat models,
-    as nanochat evaluates them) replaces the prompt and keeps only the prompt's imports."""
-    head = _leading_imports(problem["prompt"]) + "\n\n" if completion_is_full_function else problem["prompt"]
-    return f"{head}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-
-
-def run_humaneval(problem: dict, completion: str, timeout_s: float = 5.0, *, memory_mb: int | None = 512,
-                  completion_is_full_function: bool = False, mode: str | None = None) -> ExecutionResult:
-    """Run one HumanEval problem's tests on a completion; result.ok means the tests passed."""
-    program = humaneval_program(problem, completion, completion_is_full_function=completion_is_full_function)
-    return run_code(program, timeout_s=timeout_s, memory_mb=memory_mb, mode=mode)

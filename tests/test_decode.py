@@ -73,14 +73,16 @@ def test_prefill_then_decode_equals_full_forward(pattern):
         assert np.abs(np.asarray(no_window[:, 130:] - full[:, 130:])).max() > 1e-3
 
 
-def test_tiny_windows_and_chunked_prefill():
+@pytest.mark.parametrize("unroll", [1, True])
+def test_tiny_windows_and_chunked_prefill(unroll):
     """Windows of 3..9 tokens; prefill in two chunks (the second starts mid-sequence and must smear
-    its first token with the cached previous embedding)."""
+    its first token with the cached previous embedding). Also with the layer loop unrolled (the
+    speculative draft's forward), where each layer's window must still be its own."""
     spec, p = make("L", depth=3, seq_len=64, seed=3, n_kv_head=1)
     spec = dataclasses.replace(spec, windows=(3, 9, 64))
     idx = tokens(2, (1, 40))
     full = jax.jit(gpt_forward, static_argnums=1)(p, spec, idx)
-    decode = jit_decode(spec)
+    decode = jit_decode(spec, unroll)
     cache = init_cache(spec, 1, 48)
     a, cache = decode(p, cache, idx[:, :11])
     b, cache = decode(p, cache, idx[:, 11:30])

@@ -26,8 +26,8 @@ from flaxchat.sandbox import (
     SandboxError,
     isolation_level,
     run_code,
-    run_humaneval,
 )
+from flaxchat.humaneval import run_humaneval
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,5 +1,6 @@
 """flaxchat.speculative: greedy speculative decoding reproduces the target's own greedy tokens exactly,
-whether the draft disagrees often (a different random model) or never (the target itself); sampling
+whether the draft disagrees often (a different random model) or never (the target itself), tool calls
+and their forced outputs included (compared with the plain engine on the same steered rows); sampling
 is seeded and keeps the target's distribution (checked on the first token's histogram)."""
 
 import jax
@@ -62,15 +63,56 @@ def test_target_as_its_own_draft_accepts_everything(tok, target, plain):
     assert spec._speculative.last_target_forwards == 4          # 5 tokens per forward, 20 tokens
 
 
-def test_stop_token_and_tool_refusal(tok, plain, spec3):
-    spec = spec3
+def test_stop_token(tok, plain, spec3):
     prompts = prompts_of(tok)
     free = [r[0].tokens for r in plain.generate(prompts, **GREEDY)]
-    stop = free[0][5]
-    kw = dict(GREEDY, stop_tokens=[stop])
-    assert [r[0].tokens for r in spec.generate(prompts, **kw)] == [r[0].tokens for r in plain.generate(prompts, **kw)]
-    with pytest.raises(ValueError, match="use_tools"):
-        spec.generate(prompts, max_tokens=4)
+    kw = dict(GREEDY, stop_tokens=[free[0][5]])
+    assert [r[0].tokens for r in spec3.generate(prompts, **kw)] == [r[0].tokens for r in plain.generate(prompts, **kw)]
+
+
+def special(tok, name):
+    return tok.encode_special(name)
+
+
+def both(plain, spec, prompts, **kw):
+    """(plain, speculative) completions of the same greedy request, as (tokens, forced) pairs."""
+    kw = dict(dict(max_tokens=20, temperature=0.0, stop_tokens=[]), **kw)
+    return ([(c[0].tokens, c[0].forced) for c in plain.generate(prompts, **kw)],
+            [(c[0].tokens, c[0].forced) for c in spec.generate(prompts, **kw)])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_tool_calls_match_the_plain_engine(tok, target, plain, k):
+    """A row that calls the calculator mid-generation, a row whose prompt ends with a closed block,
+    and a row that never calls a tool: same tokens and forced masks as the plain engine, with a
+    draft that agrees (self-draft: forced output spans iterations) or disagrees."""
+    ps, pe = special(tok, "<|python_start|>"), special(tok, "<|python_end|>")
+    os_, oe = special(tok, "<|output_start|>"), special(tok, "<|output_end|>")
+    prompts = prompts_of(tok)
+    prompts[2] = [tok.bos_token_id, ps] + tok.encode("1+2") + [pe]
+    free = [c[0].tokens for c in plain.generate(prompts[:1], max_tokens=3, temperature=0.0, stop_tokens=[])]
+    steer = [free[0][:3] + [ps] + tok.encode("6*7") + [pe]]
+    n = len(steer[0])
+    for draft in (target, TinyModel(tok.vocab_size, resid_jitter=False, depth=1, seed=7)):
+        spec = Engine(target, tok, max_len=MAX_LEN, draft=draft, spec_k=k)
+        want, got = both(plain, spec, prompts, _steer=steer)
+        assert got == want
+        tokens, forced = got[0]
+        assert tokens[n:n + 4] == [os_] + tok.encode("42") + [oe] and forced[n - 1:n + 5] == [0, 1, 1, 1, 1, 0]
+        assert got[2][0][:3] == [os_] + tok.encode("3") + [oe] and got[2][1][:4] == [1, 1, 1, 0]
+        assert got[1][1] == [0] * 20
+
+
+def test_open_block_in_prompt_and_tools_off(tok, target, plain):
+    ps, pe = special(tok, "<|python_start|>"), special(tok, "<|python_end|>")
+    spec = Engine(target, tok, max_len=MAX_LEN, draft=target, spec_k=4)
+    prompt = [tok.bos_token_id, ps] + tok.encode("10+")
+    want, got = both(plain, spec, [prompt], _steer=[tok.encode("5") + [pe]], max_tokens=10)
+    assert got == want and got[0][0][2:2 + 4] == [special(tok, "<|output_start|>")] + tok.encode("15") + \
+        [special(tok, "<|output_end|>")]
+    want, got = both(plain, spec, [prompt], _steer=[tok.encode("5") + [pe]], max_tokens=10, use_tools=False)
+    assert got == want and got[0][1] == [0] * 10
+    assert spec.compile_counts["speculative"] == 1
 
 
 def test_sampling_seeded_and_first_token_follows_target(tok, target):

@@ -1,0 +1,35 @@
+"""Benchmarks still run end to end (tiny settings; the figures themselves are not asserted).
+
+Slow: each trains or compiles several models. `uv run pytest -q -m slow tests/test_benches.py`.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run_bench(script: str, *args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_speculative_bench_trains_once_then_measures(tmp_path):
+    args = ["--workdir", str(tmp_path), "--target-depth", "2", "--target-steps", "4", "--draft-depth", "1",
+            "--draft-steps", "4", "--ks", "1", "3", "--prompts", "2", "--prompt-len", "8", "--tokens", "6",
+            "--set", "tokenizer.vocab_size=512", "--set", "data.demo_documents=600",
+            "--set", "data.demo_val_documents=40", "--set", "pretrain.eval_tokens=2048"]
+    first = run_bench("speculative_bench.py", *args)
+    assert first.count("trained ") == 3                         # tokenizer, target, draft
+    rows = [line.split() for line in first.splitlines() if line.strip().split(" ")[0] in ("1", "3")]
+    assert [r[0] for r in rows] == ["1", "3"] and all(r[-1] == "True" for r in rows)   # exact greedy tokens
+    again = run_bench("speculative_bench.py", *args)
+    assert "trained " not in again                              # the pair is cached in the workdir
