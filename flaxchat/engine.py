@@ -17,12 +17,12 @@ Shape of a call (`Engine.generate`):
      takes tokens from a row's queue before sampling again and marks them forced=1 (RL must not
      train on them). Other rows just continue; nothing is recompiled.
 `Engine.stream` runs the same body one iteration per jitted call (compiled once per bucket) and
-yields each token as it is decoded, tool outputs included.
+yields each token as it is decoded, tool outputs included (with a draft: the tokens of each
+speculative iteration as soon as it is verified).
 
 Sampling keys are fold_in(fold_in(seed, row), token index), so a row's tokens do not depend on the
 other rows in the batch or on where tool calls interrupted the loop. With `draft` set, greedy and
-sampled generation run speculatively (flaxchat.speculative), tool calls included; `stream`
-always decodes one token per step.
+sampled generation and streaming run speculatively (flaxchat.speculative), tool calls included.
 """
 
 from __future__ import annotations
@@ -161,6 +161,13 @@ def run_segment(params: dict, spec: ModelSpec, specials: dict[str, int], st: Dec
     return jax.lax.while_loop(cond, lambda s: decode_step(params, spec, specials, s, cfg), st)
 
 
+def stream_window(old, new, width: int) -> tuple:
+    """(new state, the up to `width` tokens row 0 emitted in this step (W,), how many) for `stream`:
+    one small fixed-shape transfer per step instead of the whole output buffer."""
+    idx = jnp.minimum(old.n_out[0] + jnp.arange(width), new.out.shape[1] - 1)
+    return new, new.out[0, idx], new.n_out[0] - old.n_out[0]
+
+
 def _show_last_expression(code: str) -> str:
     """Like a REPL: a trailing bare expression's value is printed (unless it is None)."""
     try:
@@ -218,9 +225,7 @@ class Engine:
 
         def _step(params, st, cfg):
             self.compile_counts["step"] += 1
-            new = decode_step(params, spec, specials, st, cfg)
-            rows = jnp.arange(st.out.shape[0])
-            return new, new.out[rows, jnp.maximum(new.n_out - 1, 0)], new.n_out > st.n_out
+            return stream_window(st, decode_step(params, spec, specials, st, cfg), 1)
 
         def _inject(st, queue, q_len, served):
             self.compile_counts["inject"] += 1
@@ -240,7 +245,7 @@ class Engine:
     @property
     def compile_count(self) -> int:
         """Compilations of the token loops (generate segment, stream step, speculative segment)."""
-        return sum(self.compile_counts[k] for k in ("segment", "step", "speculative"))
+        return sum(self.compile_counts[k] for k in ("segment", "step", "speculative", "spec_step"))
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: list[list[int]], *, num_samples: int = 1, max_tokens: int = 256,
@@ -277,13 +282,16 @@ class Engine:
         if num_samples != 1:
             raise EngineError(f"stream yields one row of tokens: num_samples must be 1, got {num_samples}")
         cfg = self._settings(max_tokens, temperature, top_k, top_p, use_tools, stop_tokens)
-        st, prefixes = self._start([prompt], 1, seed, None, use_tools)
-        params = inference_params(self.model.param_tree(), self.spec)
+        if self._speculative is not None:
+            st, prefixes = self._speculative.start([prompt], 1, seed, None, use_tools)
+            params, step = self._speculative.params(), self._speculative.step
+        else:
+            st, prefixes = self._start([prompt], 1, seed, None, use_tools)
+            params, step = inference_params(self.model.param_tree(), self.spec), self._step
         while True:
-            st, tok, emitted = self._step(params, st, cfg)
-            done, emitted, needs = jax.device_get((st.done[0], emitted[0], st.needs_tool))
-            if emitted:
-                yield int(tok[0])
+            st, window, count = step(params, st, cfg)
+            done, window, count, needs = jax.device_get((st.done[0], window, count, st.needs_tool))
+            yield from (int(t) for t in window[:count])
             if needs.any():
                 st = self._serve_tools(st, needs, prefixes)
             if done:

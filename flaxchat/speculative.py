@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxchat.engine import inference_params, prefill, row_keys
+from flaxchat.engine import inference_params, prefill, row_keys, stream_window
 from flaxchat.kv_cache import KVCache, decode
 from flaxchat.model import ModelSpec, embed_tokens
 from flaxchat.sampling import sample_tokens, token_probs
@@ -184,7 +184,8 @@ def speculative_step(tparams: dict, tspec: ModelSpec, dparams: dict, dspec: Mode
 
 class SpeculativeDecoder:
     """Owns the jitted speculative loop of an Engine (compiled once per batch bucket and max_len).
-    `Engine.generate` drives it like its own loop: start -> segment until no row waits for a tool."""
+    `Engine.generate` drives it like its own loop: start -> segment until no row waits for a tool;
+    `Engine.stream` calls `step` (one iteration) and yields what each iteration emitted."""
 
     def __init__(self, engine, draft, k: int):
         if k < 1:
@@ -206,8 +207,14 @@ class SpeculativeDecoder:
                 lambda s: jnp.any(~s.done) & ~jnp.any(s.needs_tool),
                 lambda s: speculative_step(tparams, tspec, dparams, dspec, specials, k, s, cfg), st)
 
+        def _step(params, st, cfg):
+            counts["spec_step"] += 1
+            new = speculative_step(params[0], tspec, params[1], dspec, specials, k, st, cfg)
+            return stream_window(st, new, k + 1)
+
         self._prefill = jax.jit(_prefill)
         self.segment = jax.jit(_segment, donate_argnums=(1,))
+        self.step = jax.jit(_step, donate_argnums=(1,))     # one iteration, for Engine.stream
         self.last_target_forwards = 0     # loop iterations of the last generate (one target forward each)
 
     def params(self) -> tuple[dict, dict]:

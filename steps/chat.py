@@ -2,6 +2,7 @@
 
     python -m steps.chat --model /path/to/stage/output            # interactive; /clear, /quit
     python -m steps.chat --model gs://bucket/run/sft -p "Hello"   # one reply, then exit
+    python -m steps.chat --model RUN/sft --draft RUN_SMALL/sft     # speculative: a small model drafts
 
 The conversation is kept as messages and re-rendered with the chat template each turn (so the
 prompt is exactly what training saw). Text is printed UTF-8-safely: output is held back while
@@ -94,28 +95,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tools", action="store_true", help="do not run python tool calls")
     p.add_argument("--no-verify", action="store_true", help="skip checking file checksums against the manifest")
+    p.add_argument("--draft", default=None, help="a smaller model's stage output (same tokenizer): decode "
+                   "speculatively, the draft proposing --spec-k tokens per target forward")
+    p.add_argument("--spec-k", type=int, default=4)
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None, *, engine_factory: Callable[[Any, Any, int], Any] | None = None) -> int:
+def main(argv: list[str] | None = None, *, engine_factory: Callable[..., Any] | None = None) -> int:
     args = parse_args(argv)
     if not 0.0 <= args.temperature <= 2.0 or not 0 <= args.top_k <= 200 or not 1 <= args.max_tokens <= 4096:
         print("error: need 0 <= --temperature <= 2, 0 <= --top-k <= 200, 1 <= --max-tokens <= 4096",
               file=sys.stderr)
         return 2
+    if not 1 <= args.spec_k <= 16:
+        print(f"error: --spec-k {args.spec_k} must be in 1..16 (draft tokens per target forward)", file=sys.stderr)
+        return 2
     from flaxchat.chat.loading import load_chat_model
 
     try:
         loaded = load_chat_model(args.model, verify=not args.no_verify)
-    except (ValueError, FileNotFoundError) as exc:  # LoadError, ManifestError, ConfigError ...
+        draft = load_chat_model(args.draft, verify=not args.no_verify).model if args.draft else None
+        if engine_factory is None:
+            from flaxchat.engine import Engine
+
+            def engine_factory(model: Any, tokenizer: Any, max_len: int, draft: Any = None) -> Any:
+                return Engine(model, tokenizer, max_len=max_len, draft=draft, spec_k=args.spec_k)
+        engine = engine_factory(loaded.model, loaded.tokenizer, loaded.config.model.sequence_len, draft=draft)
+    except (ValueError, FileNotFoundError) as exc:  # LoadError, ManifestError, ConfigError, EngineError ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if engine_factory is None:
-        from flaxchat.engine import Engine
-
-        def engine_factory(model: Any, tokenizer: Any, max_len: int) -> Any:
-            return Engine(model, tokenizer, max_len=max_len)
-    engine = engine_factory(loaded.model, loaded.tokenizer, loaded.config.model.sequence_len)
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, use_tools=not args.no_tools)
     if args.prompt is not None:

@@ -412,7 +412,7 @@ def test_cli_one_shot_loads_the_model_and_streams(stage_dir, capsys):
     root, _ = stage_dir
     engines = []
 
-    def factory(model, tokenizer, max_len):
+    def factory(model, tokenizer, max_len, draft=None):
         engines.append((ScriptedEngine(tokenizer, REPLY), model, max_len))
         return engines[-1][0]
 
@@ -425,3 +425,18 @@ def test_cli_one_shot_loads_the_model_and_streams(stage_dir, capsys):
     assert "temperature" in capsys.readouterr().err
     assert main(["--model", str(root / "missing"), "-p", "x"], engine_factory=factory) == 2
     assert "manifest.json" in capsys.readouterr().err
+
+
+def test_cli_speculative_with_a_draft_prints_the_same_reply(stage_dir, capsys):
+    """--draft (here the model itself) decodes speculatively through Engine.stream: under greedy
+    sampling the reply is exactly the plain one; a bad --spec-k is a clear error."""
+    from steps.chat import main
+
+    root, _ = stage_dir
+    args = ["--model", str(root), "-p", "Bonjour", "-t", "0", "--max-tokens", "12", "--no-tools"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--draft", str(root), "--spec-k", "3"]) == 0
+    assert capsys.readouterr().out == plain and len(plain) > 1
+    assert main(args + ["--draft", str(root), "--spec-k", "0"]) == 2
+    assert "--spec-k" in capsys.readouterr().err

@@ -133,3 +133,18 @@ def test_sampling_seeded_and_first_token_follows_target(tok, target):
     tv_target, tv_draft = 0.5 * np.abs(empirical - p).sum(), 0.5 * np.abs(empirical - q).sum()
     assert 0.5 * np.abs(p - q).sum() > 0.3            # the draft really proposes something else
     assert tv_target < 0.15 and tv_draft > 0.25
+
+
+def test_stream_yields_what_generate_returns(tok, target, plain):
+    """Engine.stream with a draft: one speculative iteration per call, tool output included; the
+    same tokens as generate and as the plain engine's stream; compiled once."""
+    ps, pe = special(tok, "<|python_start|>"), special(tok, "<|python_end|>")
+    spec = Engine(target, tok, max_len=MAX_LEN, draft=TinyModel(tok.vocab_size, resid_jitter=False, depth=1, seed=7),
+                  spec_k=3)
+    kw = dict(max_tokens=12, temperature=0.0, stop_tokens=[])
+    for prompt in (prompts_of(tok)[0], [tok.bos_token_id, ps] + tok.encode("2+2") + [pe]):
+        streamed = list(spec.stream(prompt, **kw))
+        assert streamed == spec.generate([prompt], **kw)[0][0].tokens == list(plain.stream(prompt, **kw))
+    stop = streamed[4]
+    assert list(spec.stream(prompt, **dict(kw, stop_tokens=[stop]))) == streamed[:streamed.index(stop) + 1]
+    assert spec.compile_counts["spec_step"] == 1
