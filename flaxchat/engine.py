@@ -311,11 +311,11 @@ class Engine:
         return Settings(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(max_tokens),
                         jnp.asarray(stops), jnp.bool_(use_tools))
 
-    def _check_prompts(self, prompts: list[list[int]], reserve: int = 1) -> None:
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise EngineError("every prompt needs at least one token (start it with <|bos|>)")
         longest = max(len(p) for p in prompts)
-        if longest + reserve > self.max_len:
+        if longest + 1 > self.max_len:
             raise EngineError(f"a prompt of {longest} tokens leaves no room in max_len={self.max_len}: "
                               "shorten it or build the Engine with a larger max_len")
 

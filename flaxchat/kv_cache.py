@@ -10,7 +10,8 @@ only change with the chunk length T; decode uses T=1):
 attends over the whole cache with a causal+window mask built from absolute positions, so it equals
 the full forward pass (tests/test_decode.py). Unlike nanochat's engine, a chunk that starts at
 pos > 0 also smears its first token with the cached previous embedding, so chunked prefill is exact.
-Writes past max_len are dropped: the caller (engine) must keep pos + T <= max_len. Each step attends
+Writes past max_len are dropped, and the logits of such positions are meaningless: the speculative
+engine's k+1-token forwards may overrun near max_len and use only the positions inside. Each step attends
 over all max_len slots (masked), so its cost is O(max_len) whatever the window: fine at chat lengths.
 
 The per-layer cache slices are carried through the layer scan and updated with an in-place scatter;

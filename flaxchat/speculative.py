@@ -19,8 +19,9 @@ consumed as proposals that are accepted unconditionally: forced tokens replace t
 samples in the draft scan, so they enter both caches through the normal path, are verified in the
 same target forward as ordinary drafts, and are marked forced. The token after the last forced one
 is the target's own choice (its logits condition on the whole forced output).
-A row ends once fewer than k+1 cache slots are left (the verify forward writes k+1), i.e. up to k
-tokens before the plain engine would run out of max_len.
+Near max_len the k+1-token forwards may run past the cache: those writes are dropped (kv_cache),
+and the walk stops emission when prompt + output reaches max_len, as the plain engine does; the
+logits it used all come from positions inside the cache.
 Under greedy decoding the tokens are therefore exactly the target's own greedy tokens, with or
 without tool calls (tests/test_speculative.py).
 """
@@ -116,7 +117,8 @@ def _accept(tlogits, dlogits, drafts, fmask, ftok, steer, base, k: int, cfg) -> 
 def _walk(emitted, n_emit, st: SpecState, specials: dict[str, int], cfg):
     """The plain engine's per-token bookkeeping over this iteration's (B,k+1) emitted tokens: python
     block state, and where emission ends (after a stop token, after a closing <|python_end|> when
-    tools are on, at max_tokens). -> (count, in_py, py_start, stopped, tool_call)."""
+    tools are on, at max_tokens, when prompt + output fills max_len: the cache holds all but `cur`, so
+    that is pos + 1 + count). -> (count, in_py, py_start, stopped, tool_call)."""
     B = emitted.shape[0]
     start, end = specials["<|python_start|>"], specials["<|python_end|>"]
 
@@ -131,7 +133,8 @@ def _walk(emitted, n_emit, st: SpecState, specials: dict[str, int], cfg):
         py_start = jnp.where(opens, st.n_out + count, py_start)
         stop = valid & (tok[:, None] == cfg.stop_tokens[None]).any(-1)
         call = closes & cfg.use_tools
-        alive = valid & ~stop & ~call & (st.n_out + count < cfg.max_tokens)
+        room = st.tcache.pos + 1 + count < st.tcache.max_len
+        alive = valid & ~stop & ~call & (st.n_out + count < cfg.max_tokens) & room
         return (alive, count, in_py, py_start, stopped | stop, tool | call), None
 
     init = (~st.done, jnp.zeros(B, jnp.int32), st.in_py, st.py_start, jnp.zeros(B, bool), jnp.zeros(B, bool))
@@ -173,8 +176,8 @@ def speculative_step(tparams: dict, tspec: ModelSpec, dparams: dict, dspec: Mode
     pos = st.tcache.pos + count
     tcache = _rollback(tparams, tspec, tcache, st.tcache, pos, seq[rows, last], active)
     dcache = _rollback(dparams, dspec, dcache, st.dcache, pos, seq[rows, last], active)
-    no_room = pos + k + 1 > st.tcache.max_len
-    done = st.done | (active & (stopped | (n_out >= cfg.max_tokens) | no_room))
+    full = pos + 1 >= st.tcache.max_len
+    done = st.done | (active & (stopped | (n_out >= cfg.max_tokens) | full))
     return st._replace(
         tcache=tcache, dcache=dcache, cur=jnp.where(active, emitted[rows, last], st.cur), out=out, forced=forced,
         n_out=n_out, done=done, q_head=q_head, in_py=jnp.where(active, in_py, st.in_py),
@@ -224,7 +227,7 @@ class SpeculativeDecoder:
     def start(self, prompts: list[list[int]], num_samples: int, seed: int, steer_rows, use_tools: bool):
         """-> (SpecState, per-row prompt-opened python expressions) for prompts x num_samples."""
         eng = self.engine
-        eng._check_prompts(prompts, reserve=self.k + 1)
+        eng._check_prompts(prompts)
         # the caches hold all but the last prompt token, which the first step feeds as `cur`
         idx, _, row_src = eng._pad_prompts([p[:-1] or p for p in prompts], num_samples)
         lens = np.zeros(len(idx), np.int32)
