@@ -6,8 +6,8 @@
 
 Acceptance is a property of two *trained* models agreeing, so the pair is trained first with the
 pipeline's own stages (tokenizer + pretrain on the preset's corpus, the same code the flow runs) and
-cached in --workdir: the first CPU run trains a d4 draft (200 steps) and a d12 target (60 steps) on
-the demo corpus (~15 min on 2 cores); later runs only measure. Random weights would measure nothing
+cached in --workdir: the first CPU run trains a d4 draft (200 steps, ~5 min on 2 cores) and a d12
+target (120 steps, ~55 min) on the demo corpus; later runs only measure (~5 min). Random weights would measure nothing
 but overhead: a random draft never agrees with a random target.
 
 Per prompt (the start of a held-out document), one plain greedy `generate` of the target and one
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/flaxchat/speculative_bench"))
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--target-depth", type=int, default=12)
-    ap.add_argument("--target-steps", type=int, default=60)
+    ap.add_argument("--target-steps", type=int, default=120)
     ap.add_argument("--draft-depth", type=int, default=4)
     ap.add_argument("--draft-steps", type=int, default=200)
     ap.add_argument("--set", dest="dotted", action="append", default=[], metavar="KEY=VALUE",
