@@ -114,19 +114,77 @@ class TrainConfig:
     matrix_lr: float = 0.02
     embedding_lr: float = 0.3
     unembedding_lr: float = 0.008
-    value_embedding_lr: float = 0.15
+    value_embedding_lr: float = -1.0   # -1 = embedding_lr / 2, nanochat's fixed ratio (resolve() fills it)
     scalar_lr: float = 0.5
     smear_lr: float = 0.2
     weight_decay: float = 0.28
+    init_lr_frac: float = 1.0          # every group's LR scaled by this (nanochat SFT 0.8, RL 0.05)
     warmup_steps: int = 40
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
+    momentum_warmup_steps: int = 400   # Muon momentum start -> peak over these steps,
+    momentum_start: float = 0.85       # then peak -> end across the LR warmdown
+    momentum_peak: float = 0.97
+    momentum_end: float = 0.90
     eval_every: int = 250
     eval_tokens: int = 10 * 524288
     sample_every: int = 2000
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+
+
+def sft_defaults() -> TrainConfig:
+    """nanochat's chat_sft: LRs inherited from pretraining at 0.8x, no warmup, warmdown over the
+    last half to 0, no weight decay, Muon momentum 0.85 -> 0.95 over 300 steps; one epoch."""
+    return TrainConfig(num_steps=-1, init_lr_frac=0.8, warmup_steps=0, warmdown_ratio=0.5, final_lr_frac=0.0,
+                       weight_decay=0.0, momentum_warmup_steps=300, momentum_peak=0.95, momentum_end=0.95,
+                       batch_lr_scaling=False, eval_every=150, eval_tokens=20 * 524288, sample_every=0,
+                       checkpoint_every=200, log_every=10)
+
+
+def grpo_defaults() -> TrainConfig:
+    """nanochat's chat_rl: LRs at 0.05x decaying linearly to 0, no weight decay; one epoch of GSM8K."""
+    return TrainConfig(num_steps=-1, init_lr_frac=0.05, warmup_steps=0, warmdown_ratio=1.0, final_lr_frac=0.0,
+                       weight_decay=0.0, momentum_warmup_steps=300, momentum_peak=0.95, momentum_end=0.95,
+                       batch_lr_scaling=False, device_batch_size=8, eval_every=60, sample_every=0,
+                       checkpoint_every=60, log_every=1)
+
+
+@dataclass
+class TasksConfig:
+    """Which conversations SFT trains on and GRPO samples from (flaxchat/tasks/)."""
+    source: str = "auto"               # auto: demo when data.source is demo, else nanochat (HF datasets)
+    user_jsonl: str = ""               # extra conversations, one JSON object per line (local or gs://)
+    user_epochs: int = 2
+    mmlu_epochs: int = 3               # nanochat oversamples MMLU auxiliary_train x3, GSM8K x4
+    gsm8k_epochs: int = 4
+    val_mmlu_max: int = 5200
+    val_gsm8k_max: int = 420
+    cache_dir: str = "~/.cache/flaxchat/tasks"
+    demo_conversations: int = 6000     # demo source: generated chats and word problems
+    demo_problems: int = 3000
+    demo_val: int = 300
+
+
+@dataclass
+class RLConfig:
+    """GRPO rollouts and objective (steps/grpo.py). nanochat's variant: advantage=drgrpo,
+    updates_per_batch=1, kl_beta=0 (REINFORCE with a mean baseline)."""
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 50
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    updates_per_batch: int = 1
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_beta: float = 0.0
+    num_epochs: int = 1
+    eval_problems: int = 400
+    eval_samples: int = 8              # pass@1..pass@k on held-out problems
 
 
 @dataclass
@@ -139,6 +197,10 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    sft: TrainConfig = field(default_factory=sft_defaults)
+    rl: RLConfig = field(default_factory=RLConfig)
+    grpo: TrainConfig = field(default_factory=grpo_defaults)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -254,6 +316,19 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
             f"model.vocab_size={cfg.model.vocab_size} differs from tokenizer.vocab_size="
             f"{cfg.tokenizer.vocab_size}; leave model.vocab_size at 0 to follow the tokenizer")
     cfg.model.derive()
+    for section in (cfg.pretrain, cfg.sft, cfg.grpo):
+        if section.value_embedding_lr < 0:
+            section.value_embedding_lr = section.embedding_lr / 2
+    if cfg.tasks.source == "auto":
+        cfg.tasks.source = "demo" if cfg.data.source == "demo" else "nanochat"
+    if cfg.tasks.source not in ("demo", "nanochat"):
+        raise ConfigError(f"tasks.source={cfg.tasks.source!r} must be 'demo', 'nanochat' or 'auto'")
+    rl = cfg.rl
+    if rl.prompts_per_step < 1 or rl.samples_per_prompt < 1 or rl.updates_per_batch < 1:
+        raise ConfigError("rl.prompts_per_step, rl.samples_per_prompt and rl.updates_per_batch must be >= 1")
+    if rl.samples_per_prompt == 1 and rl.advantage in ("grpo", "rloo"):
+        raise ConfigError(f"rl.advantage={rl.advantage!r} compares samples within a group and needs "
+                          f"rl.samples_per_prompt >= 2 (got 1); raise it or use rl.advantage=drgrpo")
     for name in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, name)
         if size == 0 or size < -1:

@@ -17,6 +17,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "batch_lr_scaling": False,
                      "warmup_steps": 20, "eval_every": 50, "eval_tokens": 32_768, "sample_every": 100,
                      "log_every": 10, "checkpoint_every": 50},
+        "tasks": {"demo_conversations": 1500, "demo_problems": 1000, "demo_val": 200},
+        "sft": {"device_batch_size": 8, "eval_every": 50, "eval_tokens": 16_384, "log_every": 10,
+                "checkpoint_every": 50},
+        "rl": {"prompts_per_step": 8, "samples_per_prompt": 8, "max_new_tokens": 96, "eval_problems": 64,
+               "eval_samples": 4},
+        "grpo": {"num_steps": 30, "device_batch_size": 16, "eval_every": 10, "checkpoint_every": 10,
+                 "log_every": 1},
     },
     "tinystories": {
         "model": {"depth": 8, "sequence_len": 512},

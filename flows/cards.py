@@ -47,13 +47,18 @@ def _line_chart(title: str, field: str, values: list[dict[str, Any]]) -> dict:
 
 
 class LiveTrainingCard:
-    """A training sink that keeps a Metaflow card current: progress, loss and val-bpb curves,
-    throughput, and the latest samples. Refreshes at the loop's logging interval."""
+    """A training sink that keeps a Metaflow card current: progress, the loss curve, one curve per
+    eval metric in `eval_keys`, throughput, the latest samples; for GRPO also reward, sampled
+    length and tool calls per round with graded example rollouts. Refreshes at each event."""
 
-    def __init__(self, card, title: str):
-        self.card, self.title, self.total = card, title, 0
+    ROLLOUT_KEYS = (("reward_mean", "reward (mean over samples)"), ("reward_std", "reward std within the batch"),
+                    ("sampled_len", "sampled tokens per completion"), ("tool_calls", "tool calls per completion"))
+
+    def __init__(self, card, title: str, eval_keys: tuple[tuple[str, str], ...] = (("val_bpb", "val bits per byte"),)):
+        self.card, self.title, self.total, self.eval_keys = card, title, 0, eval_keys
         self.train: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
+        self.rollouts: list[dict[str, Any]] = []
         self.progress = None
 
     def _build(self, total_steps: int) -> None:
@@ -61,12 +66,24 @@ class LiveTrainingCard:
         self.total = total_steps
         self.progress = ProgressBar(max=total_steps, label="steps", value=0)
         self.loss_chart = VegaChart(_line_chart("train loss", "loss", []))
-        self.bpb_chart = VegaChart(_line_chart("val bits per byte", "val_bpb", []))
+        self.eval_charts = {k: VegaChart(_line_chart(t, k, [])) for k, t in self.eval_keys}
+        self.rollout_charts: dict[str, VegaChart] = {}
         self.status = Markdown("starting…")
         self.samples = Markdown("")
         for component in (Markdown(f"# {self.title}"), self.progress, self.status, self.loss_chart,
-                          self.bpb_chart, self.samples):
+                          *self.eval_charts.values(), self.samples):
             self.card.append(component)
+
+    def _rollout(self, record: dict[str, Any]) -> None:
+        if not self.rollout_charts:
+            self.rollout_charts = {k: VegaChart(_line_chart(t, k, [])) for k, t in self.ROLLOUT_KEYS}
+            for chart in self.rollout_charts.values():
+                self.card.append(chart)
+        self.rollouts.append({k: record[k] for k in ("step", *dict(self.ROLLOUT_KEYS))})
+        for key, title in self.ROLLOUT_KEYS:
+            self.rollout_charts[key].update(_line_chart(title, key, self.rollouts))
+        lines = [f"- reward {e['reward']:.2f} · **{e['prompt']}** → {e['completion']}" for e in record.get("examples", [])]
+        self.samples.update(f"### Rollouts of round {record['round']}\n" + "\n".join(lines).replace("\n\n", " "))
 
     def __call__(self, kind: str, record: dict[str, Any]) -> None:
         if self.progress is None:
@@ -82,8 +99,11 @@ class LiveTrainingCard:
                                f"{record['tok_per_s']:,.0f} tok/s{mfu_text} · lr×{record['lr_mult']:.3f}")
             self.loss_chart.update(_line_chart("train loss", "loss", self.train))
         elif kind == "eval":
-            self.evals.append({"step": record["step"], "val_bpb": record["val_bpb"]})
-            self.bpb_chart.update(_line_chart("val bits per byte", "val_bpb", self.evals))
+            self.evals.append({"step": record["step"], **{k: record[k] for k, _ in self.eval_keys if k in record}})
+            for key, title in self.eval_keys:
+                self.eval_charts[key].update(_line_chart(title, key, [e for e in self.evals if key in e]))
+        elif kind == "rollout":
+            self._rollout(record)
         elif kind == "sample":
             lines = [f"- step {record['step']}: **{s['prompt']}**{s['completion']}" for s in record["samples"]]
             self.samples.update("### Samples\n" + "\n".join(lines).replace("\n\n", " "))
@@ -92,12 +112,38 @@ class LiveTrainingCard:
         self.card.refresh()
 
 
+def _before_after(m: dict[str, Any], key: str, label: str) -> str:
+    before = m.get(f"{key}_initial")
+    before_text = "n/a (resumed)" if before is None else _fmt(before)
+    return f"{label} {before_text} → **{_fmt(m.get(key))}**"
+
+
+def _result(manifest: dict[str, Any], parts: list[str]) -> Markdown:
+    m = manifest["metrics"]
+    resumed = f" (resumed from step {m['resumed_from_step']})" if m.get("resumed_from_step") else ""
+    return Markdown(f"## Result: {', '.join(parts)} after {m['steps']} steps{resumed}")
+
+
+def _checkpoint(manifest: dict[str, Any]) -> Markdown:
+    return Markdown(f"Checkpoint: `{manifest['checkpoint']['dir']}/{manifest['checkpoint']['step']}`")
+
+
 def pretrain_summary(manifest: dict[str, Any]) -> list:
     m = manifest["metrics"]
-    return [
-        Markdown(f"## Result: val bpb {_fmt(m['val_bpb_initial'] or 'n/a (resumed)')} → **{m['val_bpb']:.4f}** "
-                 f"after {m['steps']} steps" + (f" (resumed from step {m['resumed_from_step']})"
-                                                if m.get("resumed_from_step") else "")),
-        metrics_table(m),
-        Markdown(f"Checkpoint: `{manifest['checkpoint']['dir']}/{manifest['checkpoint']['step']}`"),
-    ]
+    return [_result(manifest, [_before_after(m, "val_bpb", "val bpb")]), metrics_table(m), _checkpoint(manifest)]
+
+
+def sft_summary(manifest: dict[str, Any]) -> list:
+    m = manifest["metrics"]
+    parts = [_before_after(m, "val_loss", "held-out loss"), _before_after(m, "greedy_accuracy", "greedy accuracy")]
+    return [_result(manifest, parts), metrics_table(m), _checkpoint(manifest)]
+
+
+def grpo_summary(manifest: dict[str, Any]) -> list:
+    m = manifest["metrics"]
+    k = next((key for key in m if key.startswith("pass@") and key != "pass@1" and not key.endswith("_initial")), None)
+    parts = [_before_after(m, "pass@1", "held-out pass@1")] + ([_before_after(m, k, k)] if k else [])
+    rows = [[r["round"], _fmt(r["reward_mean"]), _fmt(r["sampled_len"]), _fmt(r["tool_calls"])]
+            for r in manifest.get("rollouts", [])]
+    return [_result(manifest, parts), metrics_table(m),
+            Table(rows, headers=["round", "reward mean", "sampled tokens", "tool calls"]), _checkpoint(manifest)]

@@ -1,4 +1,4 @@
-"""FullPipelineFlow: tokenizer -> pretrain -> sft -> grpo -> eval -> export, as Metaflow steps.
+"""FullPipelineFlow: tokenizer -> pretrain -> sft -> grpo, as Metaflow steps.
 
 Each stage step calls one `steps.<stage>.run(config, inputs, output_uri)` and stores the
 returned manifest as an artifact named after the stage. Big files live under the
@@ -36,6 +36,10 @@ def _git_revision() -> str:
         return "unknown"
 
 
+def _fmt(value) -> str:
+    return "resumed" if value is None else f"{value:.4f}"
+
+
 class PipelineInputError(MetaflowException):
     headline = "flaxchat: bad input"
 
@@ -54,7 +58,8 @@ class FullPipelineFlow(FlowSpec):
     """Train a chat model end to end; every stage is a versioned, resumable step."""
 
     overrides = Config("config", default_value={}, parser=yaml.safe_load,
-                       help="YAML file of config overrides (sections: model, tokenizer, data, mesh, pretrain)")
+                       help="YAML file of config overrides (sections: model, tokenizer, data, mesh, pretrain, "
+                            "tasks, sft, rl, grpo)")
     preset = Parameter("preset", default="demo", help="demo | tinystories | climbmix | speedrun")
     depth = Parameter("depth", type=int, default=0, help="model depth (0 = the preset's)")
     artifact_root = Parameter("artifact-root", default="./artifacts",
@@ -103,25 +108,51 @@ class FullPipelineFlow(FlowSpec):
             current.card["tokenizer"].append(component)
         self.next(self.pretrain)
 
-    @card(type="blank", id="pretrain", refresh_interval=10)
-    @step
-    def pretrain(self):
-        """Pretrain the GPT; after `resume`, continue from the origin run's last good checkpoint."""
-        from steps import pretrain
-        from flows.cards import LiveTrainingCard, pretrain_summary
+    def _train_stage(self, name: str, inputs: dict, live, summary) -> dict:
+        """Run a training stage; after `resume`, continue from the origin run's last good checkpoint."""
+        import importlib
         from flaxchat import storage
-        cfg = self._config()
         resume_from = None
         if current.origin_run_id:  # a rerun by `resume`: the failed attempt's checkpoints live there
             resume_from = storage.join(self.artifact_base, current.flow_name, current.origin_run_id,
-                                       "pretrain", "checkpoints")
-        live = LiveTrainingCard(current.card["pretrain"], f"Pretraining d{cfg.model.depth}")
+                                       name, "checkpoints")
+        stage = importlib.import_module(f"steps.{name}")
         with clear_errors():
-            self.pretrain = pretrain.run(cfg, {"tokenizer": self.manifest("tokenizer")},
-                                         self._stage_uri("pretrain"), resume_from=resume_from,
-                                         extra_sinks=(live,))
-        for component in pretrain_summary(self.pretrain):
-            current.card["pretrain"].append(component)
+            manifest = stage.run(self._config(), inputs, self._stage_uri(name), resume_from=resume_from,
+                                 extra_sinks=(live,))
+        for component in summary(manifest):
+            current.card[name].append(component)
+        return manifest
+
+    @card(type="blank", id="pretrain", refresh_interval=10)
+    @step
+    def pretrain(self):
+        """Pretrain the GPT on the corpus; val bits per byte falls."""
+        from flows.cards import LiveTrainingCard, pretrain_summary
+        live = LiveTrainingCard(current.card["pretrain"], f"Pretraining d{self._config().model.depth}")
+        self.pretrain = self._train_stage("pretrain", {"tokenizer": self.manifest("tokenizer")}, live,
+                                          pretrain_summary)
+        self.next(self.sft)
+
+    @card(type="blank", id="sft", refresh_interval=10)
+    @step
+    def sft(self):
+        """Supervised fine-tuning on the chat task mixture; held-out conversation loss falls."""
+        from flows.cards import LiveTrainingCard, sft_summary
+        live = LiveTrainingCard(current.card["sft"], "Supervised fine-tuning",
+                                (("val_loss", "held-out loss (nats/token)"), ("greedy_pass@1", "greedy accuracy")))
+        self.sft = self._train_stage("sft", {"pretrain": self.manifest("pretrain")}, live, sft_summary)
+        self.next(self.grpo)
+
+    @card(type="blank", id="grpo", refresh_interval=10)
+    @step
+    def grpo(self):
+        """GRPO with calculator tool use on problems with checkable answers; held-out pass@1 rises."""
+        from flows.cards import LiveTrainingCard, grpo_summary
+        k = self._config().rl.eval_samples
+        live = LiveTrainingCard(current.card["grpo"], "GRPO with tool use",
+                                (("pass@1", "held-out pass@1"), (f"pass@{k}", f"held-out pass@{k}")))
+        self.grpo = self._train_stage("grpo", {"sft": self.manifest("sft")}, live, grpo_summary)
         self.next(self.end)
 
     @step
@@ -133,6 +164,11 @@ class FullPipelineFlow(FlowSpec):
         m = pt["metrics"]
         start = "resumed" if m["val_bpb_initial"] is None else f"{m['val_bpb_initial']:.4f}"
         print(f"pretrain: val bpb {start} -> {m['val_bpb']:.4f} in {m['steps']} steps -> {pt['checkpoint']['dir']}")
+        m = self.manifest("sft")["metrics"]
+        print(f"sft: held-out loss {_fmt(m['val_loss_initial'])} -> {m['val_loss']:.4f}, greedy accuracy "
+              f"{_fmt(m['greedy_accuracy_initial'])} -> {m['greedy_accuracy']:.3f} in {m['steps']} steps")
+        m = self.manifest("grpo")["metrics"]
+        print(f"grpo: held-out pass@1 {_fmt(m['pass@1_initial'])} -> {m['pass@1']:.3f} in {m['steps']} steps")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ nanochat (scripts/base_train.py) recomputes three numbers on the host before eve
 
 - LR multiplier, applied to every group (AdamW and Muon): linear warmup `(it+1)/warmup`,
   then flat 1.0, then a linear warmdown over the last `round(warmdown_ratio * N)` steps
-  from 1.0 to `final_lr_frac` (reaching it at `it == N`).
+  from 1.0 to `final_lr_frac` (reaching it at `it == N`); the whole curve times `init_lr_frac`
+  (1 in pretraining; nanochat's SFT and RL scale their initial LRs by 0.8 and 0.05).
 - Muon momentum: 0.85 -> 0.97 linearly over the first 400 steps, flat 0.97, then
   0.97 -> 0.90 linearly across the LR warmdown window. The warmup branch wins when
   the two windows overlap (short runs), exactly like nanochat's if/elif.
@@ -42,6 +43,7 @@ class ScheduleConfig:
     momentum_start: float = 0.85
     momentum_peak: float = 0.97
     momentum_end: float = 0.90
+    init_lr_frac: float = 1.0       # scales the whole LR curve (nanochat's SFT/RL start below pretraining)
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -57,7 +59,10 @@ class ScheduleConfig:
     def from_train(cls, train_cfg: Any, num_steps: int) -> "ScheduleConfig":
         """The schedule a training stage's config asks for (one place maps the knobs)."""
         return cls(num_steps=num_steps, warmup_steps=train_cfg.warmup_steps,
-                   warmdown_ratio=train_cfg.warmdown_ratio, final_lr_frac=train_cfg.final_lr_frac)
+                   warmdown_ratio=train_cfg.warmdown_ratio, final_lr_frac=train_cfg.final_lr_frac,
+                   momentum_warmup_steps=train_cfg.momentum_warmup_steps,
+                   momentum_start=train_cfg.momentum_start, momentum_peak=train_cfg.momentum_peak,
+                   momentum_end=train_cfg.momentum_end, init_lr_frac=train_cfg.init_lr_frac)
 
     @property
     def warmdown_steps(self) -> int:
@@ -81,8 +86,8 @@ def lr_multiplier(step: jax.Array | int, cfg: ScheduleConfig) -> jax.Array:
     warm = (it + 1.0) / warmup
     progress = (cfg.num_steps - it) / warmdown
     down = progress + (1.0 - progress) * cfg.final_lr_frac
-    return jnp.where(it < cfg.warmup_steps, warm,
-                     jnp.where(it <= cfg.warmdown_start, jnp.float32(1.0), down)).astype(jnp.float32)
+    curve = jnp.where(it < cfg.warmup_steps, warm, jnp.where(it <= cfg.warmdown_start, jnp.float32(1.0), down))
+    return (cfg.init_lr_frac * curve).astype(jnp.float32)
 
 
 def muon_momentum(step: jax.Array | int, cfg: ScheduleConfig) -> jax.Array:

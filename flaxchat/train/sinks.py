@@ -1,6 +1,7 @@
 """Where training events go: the console, a JSONL file, wandb (offline by default).
 
-A sink is a callable (kind, record) with kind in {"train", "eval", "sample", "info"}. The flow
+A sink is a callable (kind, record) with kind in {"train", "eval", "sample", "rollout", "info"}
+("rollout": GRPO's per-step sampling statistics and a few graded samples). The flow
 adds one more that refreshes a live Metaflow card; the library itself never imports Metaflow.
 """
 
@@ -22,7 +23,13 @@ def console_sink(total_steps: int, stream=sys.stdout) -> Sink:
             print(f"[{'#' * bar}{'.' * (20 - bar)}] step {r['step']}/{total_steps} loss {r['loss']:.4f} "
                   f"lr×{r['lr_mult']:.3f} {r['tok_per_s']:,.0f} tok/s{mfu}", file=stream, flush=True)
         elif kind == "eval":
-            print(f"  eval @ {r['step']}: val bpb {r['val_bpb']:.4f}", file=stream, flush=True)
+            shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items()
+                              if k not in ("step", "val_batches") and isinstance(v, float))
+            print(f"  eval @ {r['step']}: {shown}", file=stream, flush=True)
+        elif kind == "rollout":
+            print(f"  rollout @ {r['step']}: reward {r['reward_mean']:.3f}±{r['reward_std']:.3f}, "
+                  f"{r['sampled_len']:.1f} tokens, {r['tool_calls']:.2f} tool calls per sample",
+                  file=stream, flush=True)
         elif kind == "sample":
             for s in r["samples"]:
                 print(f"  sample @ {r['step']}: {s['prompt']!r} -> {s['completion']!r}", file=stream, flush=True)
@@ -50,7 +57,7 @@ def wandb_sink(project: str, name: str, config: dict[str, Any], directory: str) 
     run = wandb.init(project=project, name=name, config=config, dir=directory, reinit="finish_previous")
 
     def sink(kind: str, r: dict[str, Any]) -> None:
-        if kind in ("train", "eval"):
+        if kind in ("train", "eval", "rollout"):
             run.log({f"{kind}/{k}": v for k, v in r.items() if k != "step" and isinstance(v, (int, float))},
                     step=r["step"])
         elif kind == "sample":
