@@ -145,3 +145,21 @@ def tree_digest(tree: Any) -> str:
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+def restore_model_subtree(state_dir: str, target: Any) -> Any:
+    """The `model` subtree of a training checkpoint's `state` item, read straight into the shardings
+    of `target` (a pytree of jax.ShapeDtypeStruct); the optimizer state beside it is never read,
+    so neither its memory nor an optimizer to describe it is needed. Raises CheckpointError."""
+    import jax
+    item = {"model": target}
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
+    except Exception as exc:  # orbax raises many types for missing/mismatched checkpoints
+        raise CheckpointError(f"cannot restore the model from {state_dir} ({type(exc).__name__}: "
+                              f"{str(exc)[:300]}); is the checkpoint complete and was it trained with this config?"
+                              ) from exc
+    return restored["model"]

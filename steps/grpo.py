@@ -52,6 +52,9 @@ def make_logp_fn(model, params_source: Callable[[], Any]) -> Callable:
 def row_length(task, tokenizer, max_new_tokens: int, sequence_len: int, limit: int = 2000) -> int:
     """Rollout row length: the longest prompt (of the first `limit`) + max_new_tokens, rounded up."""
     longest = max(len(render_for_completion(tokenizer, task.example(i))) for i in range(min(limit, len(task))))
+    if longest + 2 > sequence_len:
+        raise ConfigError(f"a GRPO prompt has {longest} tokens, which leaves no room to answer within "
+                          f"model.sequence_len={sequence_len}; train the model with a longer sequence_len")
     return min(sequence_len, ROW_MULTIPLE * math.ceil((longest + max_new_tokens) / ROW_MULTIPLE))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from flaxchat import storage
-from flaxchat.checkpoint import CHECKSUMS, CheckpointStore, tree_digest
+from flaxchat.checkpoint import CHECKSUMS, CheckpointError, CheckpointStore, restore_model_subtree, tree_digest
 from flaxchat.config import PipelineConfig, TrainConfig
 from flaxchat.distributed import initialize_distributed
 from flaxchat.flops import estimate_flops
@@ -59,21 +59,16 @@ def upstream_state_dir(manifest: dict[str, Any]) -> str:
 
 
 def restore_params(model: GPT, state_dir: str) -> None:
-    """Overwrite `model`'s params (already sharded) with the `model` subtree of a training checkpoint,
-    read straight into the same shardings (the optimizer state in that checkpoint is never read)."""
-    import orbax.checkpoint as ocp
+    """Overwrite `model`'s params (already sharded) with the `model` subtree of a training
+    checkpoint, read straight into the same shardings."""
     state = nnx.state(model)
-    pure = nnx.to_pure_dict(state)
-    target = {"model": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), pure)}
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          nnx.to_pure_dict(state))
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args, partial_restore=True))
-    except Exception as exc:  # orbax raises many types for missing/mismatched checkpoints
-        raise StageInputError(f"cannot restore the model from {state_dir} ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); was it trained with the config in its manifest?") from exc
-    nnx.replace_by_pure_dict(state, restored["model"])
+        restored = restore_model_subtree(state_dir, target)
+    except CheckpointError as exc:
+        raise StageInputError(str(exc)) from exc
+    nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
 
 

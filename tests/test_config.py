@@ -63,3 +63,33 @@ def test_resolved_tree_round_trips_through_a_dict():
 
 def test_parse_dotted_nests():
     assert parse_dotted(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": "1"}, "d": "x"}}
+
+
+def test_value_embedding_lr_follows_embedding_lr_unless_set():
+    """nanochat ties the value-embedding LR to half the embedding LR; overriding embedding_lr alone
+    must not silently keep the old 0.15."""
+    assert build_config("demo").pretrain.value_embedding_lr == 0.15
+    cfg = build_config("demo", dotted=["sft.embedding_lr=0.2"])
+    assert cfg.sft.value_embedding_lr == 0.1 and cfg.pretrain.value_embedding_lr == 0.15
+    assert build_config("demo", dotted=["sft.embedding_lr=0.2", "sft.value_embedding_lr=0.05"]).sft.value_embedding_lr == 0.05
+
+
+def test_post_training_sections_carry_nanochats_recipes():
+    cfg = build_config("climbmix")
+    assert (cfg.sft.init_lr_frac, cfg.sft.warmup_steps, cfg.sft.warmdown_ratio, cfg.sft.final_lr_frac) == (0.8, 0, 0.5, 0.0)
+    assert (cfg.sft.weight_decay, cfg.sft.momentum_warmup_steps, cfg.sft.momentum_peak) == (0.0, 300, 0.95)
+    assert (cfg.sft.matrix_lr, cfg.sft.embedding_lr, cfg.sft.unembedding_lr) == (0.02, 0.3, 0.008)
+    assert cfg.tasks.source == "nanochat" and build_config("demo").tasks.source == "demo"
+    assert (cfg.rl.prompts_per_step, cfg.rl.samples_per_prompt, cfg.rl.top_k, cfg.rl.temperature) == (16, 16, 50, 1.0)
+
+
+@pytest.mark.parametrize("dotted,needle", [
+    (["rl.samples_per_prompt=1"], "needs rl.samples_per_prompt >= 2"),
+    (["rl.samples_per_prompt=1", "rl.advantage=rloo"], "use rl.advantage=drgrpo"),
+    (["rl.advantage=ppo"], "is not one of"),
+    (["tasks.source=web"], "must be 'demo', 'nanochat' or 'auto'"),
+])
+def test_bad_post_training_config_is_a_clear_error(dotted, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")) as info:
+        build_config("demo", dotted=dotted)
+    assert "\n" not in str(info.value)

@@ -20,9 +20,15 @@ FLOW = str(ROOT / "flows" / "full_pipeline.py")
 TINY = {
     "tokenizer": {"vocab_size": 400, "max_chars": 400_000, "eval_chars": 20_000},
     "data": {"demo_documents": 600, "demo_val_documents": 60},
-    "model": {"depth": 2, "sequence_len": 64},
-    "pretrain": {"num_steps": 6, "device_batch_size": 4, "total_batch_size": 256, "warmup_steps": 2,
+    "model": {"depth": 2, "sequence_len": 128},
+    "pretrain": {"num_steps": 6, "device_batch_size": 2, "total_batch_size": 256, "warmup_steps": 2,
                  "eval_every": 3, "sample_every": 6, "checkpoint_every": 2, "log_every": 2, "eval_tokens": 512},
+    "tasks": {"demo_conversations": 40, "demo_problems": 20, "demo_val": 8},
+    "sft": {"num_steps": 4, "device_batch_size": 2, "eval_every": 0, "eval_tokens": 512, "checkpoint_every": 2,
+            "log_every": 2},
+    "rl": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 12, "eval_problems": 4,
+           "eval_samples": 2},
+    "grpo": {"num_steps": 4, "device_batch_size": 2, "eval_every": 0, "checkpoint_every": 2, "log_every": 1},
 }
 
 
@@ -68,6 +74,20 @@ def _resume(mf_env, origin_id):
     return Flow("FullPipelineFlow")[new_id]
 
 
+def _uninterrupted(stage: str, upstream: str, manifest: dict, tmp_path) -> dict:
+    """Run `stage` alone (python -m steps.<stage>) on an upstream output with the TINY config."""
+    import subprocess
+    ref = tmp_path / f"reference-{stage}"
+    overrides = [f"{section}.{key}={value}" for section, values in json.loads(json.dumps(TINY)).items()
+                 for key, value in values.items()]
+    proc = subprocess.run([sys.executable, "-m", f"steps.{stage}", "--out", str(ref), "--input",
+                           f"{upstream}={manifest['uri']}", *sum((["--set", o] for o in overrides), [])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((ref / "manifest.json").read_text())
+
+
 def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     from metaflow import Flow, namespace
     from metaflow.cards import get_cards
@@ -106,6 +126,22 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     verify_files(pre)
     pcard = card_text(get_cards(run["pretrain"].task, id="pretrain")[0].get())
     assert "val bits per byte" in pcard and "step 6/6" in pcard and "Samples" in pcard
+
+    sft = run["sft"].task.data.sft
+    assert sft["stage"] == "sft" and sft["metrics"]["steps"] == 4 and sft["checkpoint"]["step"] == 4
+    assert sft["parent"]["uri"] == pre["uri"] and sft["config"]["model"] == pre["config"]["model"]
+    assert sft["metrics"]["val_loss"] < sft["metrics"]["val_loss_initial"]
+    verify_files(sft)
+    scard = card_text(get_cards(run["sft"].task, id="sft")[0].get())
+    assert "held-out loss" in scard and "step 4/4" in scard
+
+    rl = run["grpo"].task.data.grpo
+    assert rl["stage"] == "grpo" and rl["metrics"]["steps"] == 4 and rl["parent"]["uri"] == sft["uri"]
+    assert {"pass@1", "pass@1_initial", "pass@2", "seed"} <= set(rl["metrics"])
+    assert [r["round"] for r in rl["rollouts"]] == [0, 1, 2, 3]
+    verify_files(rl)
+    gcard = card_text(get_cards(run["grpo"].task, id="grpo")[0].get())
+    assert "held-out pass@1" in gcard and "tool calls per completion" in gcard and "Rollouts of round" in gcard
 
 
 def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
@@ -150,8 +186,6 @@ def test_killed_pretrain_resumes_from_the_origin_checkpoint(mf_env, tmp_path):
     """SIGKILL the pretrain task mid-training; `resume` clones start+tokenizer, and pretrain
     continues from the origin run's last checkpoint (step > 0) to the same parameters as an
     uninterrupted run of the stage."""
-    import subprocess
-
     from metaflow import Runner
 
     killhook = str(Path(__file__).resolve().parent / "killhook")
@@ -170,14 +204,30 @@ def test_killed_pretrain_resumes_from_the_origin_checkpoint(mf_env, tmp_path):
     assert f"/{new_id}/pretrain" in pre["uri"]
 
     # the same stage, never interrupted, from the same tokenizer output and config
-    tok = run["tokenizer"].task.data.tokenizer
-    ref = tmp_path / "reference"
-    overrides = [f"{section}.{key}={value}" for section, values in json.loads(json.dumps(TINY)).items()
-                 for key, value in values.items()]
-    proc = subprocess.run([sys.executable, "-m", "steps.pretrain", "--out", str(ref), "--input",
-                           f"tokenizer={tok['uri']}", *sum((["--set", o] for o in overrides), [])],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "WANDB_MODE": "disabled"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    reference = json.loads((ref / "manifest.json").read_text())
+    reference = _uninterrupted("pretrain", "tokenizer", run["tokenizer"].task.data.tokenizer, tmp_path)
     assert pre["metrics"]["params_sha256"] == reference["metrics"]["params_sha256"]
+
+
+def test_killed_grpo_resumes_from_its_checkpoint_to_the_uninterrupted_params(mf_env, tmp_path):
+    """SIGKILL the grpo task after its step-2 checkpoint; `resume` clones tokenizer, pretrain and
+    sft, GRPO continues from step 2 of the origin run, and its final parameters equal those of the
+    same stage run without interruption from the same SFT output."""
+    from metaflow import Runner
+
+    killhook = str(Path(__file__).resolve().parent / "killhook")
+    crash_env = {**mf_env, "KILL_MODE": "batch:4", "KILL_STAGE": "grpo", "PYTHONPATH": killhook}
+    crashing = Runner(FLOW, show_output=False, env=crash_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"],
+                      config=[("config", _config_file(tmp_path))])
+    with crashing.run(preset="demo", artifact_root=str(tmp_path / "art")) as first:
+        assert first.status == "failed"
+        origin_id = first.run.id
+    run = _resume(mf_env, origin_id)
+    for cloned in ("tokenizer", "pretrain", "sft"):
+        assert "origin-task-id" in {m.name for m in run[cloned].task.metadata}, cloned
+    assert "origin-task-id" not in {m.name for m in run["grpo"].task.metadata}
+    rl = run["grpo"].task.data.grpo
+    assert rl["metrics"]["resumed_from_step"] == 2 and rl["metrics"]["steps"] == 4
+    assert f"/{run.id}/grpo" in rl["uri"]
+
+    reference = _uninterrupted("grpo", "sft", run["sft"].task.data.sft, tmp_path)
+    assert rl["metrics"]["params_sha256"] == reference["metrics"]["params_sha256"]

@@ -173,3 +173,18 @@ def test_explicit_overrides_and_grad_accum_errors():
         plan_training(TrainConfig(num_steps=-1, target_param_data_ratio=0), model(4), 1)
     with pytest.raises(ScalingError, match="one batch"):
         plan_training(TrainConfig(target_param_data_ratio=1e-6, total_batch_size=2 ** 20), model(4), 1)
+
+
+def test_init_lr_frac_scales_the_whole_curve_and_momentum_knobs_apply():
+    """nanochat's SFT: LRs at 0.8x with no warmup, warmdown over the last half to 0; momentum
+    0.85 -> 0.95 over 300 steps and flat after (no warmdown dip)."""
+    from flaxchat.config import sft_defaults
+    cfg = ScheduleConfig.from_train(sft_defaults(), 1000)
+    assert float(lr_multiplier(0, cfg)) == pytest.approx(0.8)
+    assert float(lr_multiplier(500, cfg)) == pytest.approx(0.8)
+    assert float(lr_multiplier(750, cfg)) == pytest.approx(0.8 * 0.5)
+    assert float(lr_multiplier(1000, cfg)) == pytest.approx(0.0)
+    assert float(muon_momentum(0, cfg)) == pytest.approx(0.85)
+    assert float(muon_momentum(150, cfg)) == pytest.approx(0.90)
+    assert float(muon_momentum(300, cfg)) == pytest.approx(0.95)
+    assert float(muon_momentum(900, cfg)) == pytest.approx(0.95)

@@ -42,3 +42,14 @@ def test_wandb_disabled_is_a_no_op(tmp_path, monkeypatch):
     sink = wandb_sink("flaxchat-test", "unit", {}, str(tmp_path))
     sink("train", TRAIN)
     assert not (tmp_path / "wandb").exists()
+
+
+def test_console_shows_every_eval_metric_and_rollout_statistics():
+    out = io.StringIO()
+    sink = console_sink(4, stream=out)
+    sink("eval", {"step": 2, "pass@1": 0.25, "pass@4": 0.5, "examples": [{"prompt": "p"}]})
+    sink("rollout", {"step": 2, "round": 2, "reward_mean": 0.375, "reward_std": 0.484, "sampled_len": 41.5,
+                     "tool_calls": 1.25})
+    text = out.getvalue()
+    assert "eval @ 2: pass@1 0.2500, pass@4 0.5000" in text
+    assert "rollout @ 2: reward 0.375±0.484, 41.5 tokens, 1.25 tool calls per sample" in text

@@ -83,22 +83,18 @@ def abstract_model(config: PipelineConfig) -> GPT:
 
 def restore_model(config: PipelineConfig, state_dir: str, device: jax.Device | None = None) -> GPT:
     """Read only the 'model' subtree of a training checkpoint's `state` item onto one device."""
-    import orbax.checkpoint as ocp
+    from flaxchat.checkpoint import CheckpointError, restore_model_subtree
 
     shell = abstract_model(config)
     graphdef, state = nnx.split(shell)
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     pure = nnx.to_pure_dict(state)
-    target = {"model": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), pure)}
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), pure)
     try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args, partial_restore=True))
-    except Exception as exc:  # orbax raises many types for missing/mismatched checkpoints
-        raise LoadError(f"cannot restore the model from {state_dir} ({type(exc).__name__}: {str(exc)[:300]}); "
-                        f"is the checkpoint complete and was it trained with this config?") from exc
-    nnx.replace_by_pure_dict(state, restored["model"])
+        restored = restore_model_subtree(state_dir, target)
+    except CheckpointError as exc:
+        raise LoadError(str(exc)) from exc
+    nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
 
 

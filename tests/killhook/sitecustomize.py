@@ -5,13 +5,15 @@ Put this directory on PYTHONPATH (Python imports `sitecustomize` at start-up) to
 
 KILL_MODE=batch:N  -> die while assembling the N-th optimizer step's batch (mid-training)
 KILL_MODE=save:N   -> die right after the async save of step N was started (write in flight)
+KILL_STAGE=NAME    -> only in a process whose command line names NAME (a Metaflow task of that step)
 """
 
 import os
 
-if os.environ.get("KILL_MODE"):
+import sys
+
+if os.environ.get("KILL_MODE") and os.environ.get("KILL_STAGE", sys.argv[0]) in sys.argv:
     import signal
-    import sys
 
     mode, _, arg = os.environ["KILL_MODE"].partition(":")
     target = int(arg)
