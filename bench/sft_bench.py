@@ -71,7 +71,7 @@ def sft_shards(cfg: PipelineConfig, out_dir: str) -> list[str]:
 
 def sft_loader(cfg: PipelineConfig, shards: list[str], tokenizer: Tokenizer, rows: int) -> PackedLoader:
     T = cfg.model.sequence_len
-    return PackedLoader(shards, conversation_encoder(tokenizer, T + 1), tokenizer.bos_token_id, rows, T,
+    return PackedLoader(shards, conversation_encoder(tokenizer), tokenizer.bos_token_id, rows, T,
                         split="train", mode="sft", seed=cfg.seed)
 
 

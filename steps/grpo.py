@@ -49,9 +49,11 @@ def make_logp_fn(model, params_source: Callable[[], Any]) -> Callable:
     return lambda inputs, targets: logp(params_source(), jnp.asarray(inputs), jnp.asarray(targets))
 
 
-def row_length(task, tokenizer, max_new_tokens: int, sequence_len: int, limit: int = 2000) -> int:
-    """Rollout row length: the longest prompt (of the first `limit`) + max_new_tokens, rounded up."""
-    longest = max(len(render_for_completion(tokenizer, task.example(i))) for i in range(min(limit, len(task))))
+def row_length(tasks, tokenizer, max_new_tokens: int, sequence_len: int, limit: int = 2000) -> int:
+    """Rollout row length: the longest prompt (of the first `limit` of each task, training and
+    held-out) + max_new_tokens, rounded up; one length serves rollouts and evaluation."""
+    longest = max(len(render_for_completion(tokenizer, task.example(i)))
+                  for task in tasks for i in range(min(limit, len(task))))
     if longest + 2 > sequence_len:
         raise ConfigError(f"a GRPO prompt has {longest} tokens, which leaves no room to answer within "
                           f"model.sequence_len={sequence_len}; train the model with a longer sequence_len")
@@ -80,7 +82,7 @@ def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: s
         raise ConfigError(f"grpo.num_steps={num_steps} must be a multiple of rl.updates_per_batch="
                           f"{rl.updates_per_batch} (each rollout round trains that many steps)")
     model, _ = stage.build(num_steps)
-    row_len = row_length(train_task, tokenizer, rl.max_new_tokens, config.model.sequence_len)
+    row_len = row_length((train_task, eval_task), tokenizer, rl.max_new_tokens, config.model.sequence_len)
     engine = Engine(model, tokenizer, max_len=row_len)
     rows_per_micro = tcfg.device_batch_size * jax.local_device_count()
 

@@ -62,7 +62,7 @@ def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: s
 
     train_mix, val_mix = sft_train_mixture(config), sft_val_mixture(config)
     shards = write_conversation_shards(train_mix, val_mix, os.path.join(stage.local_out, "data"))
-    encode = conversation_encoder(tokenizer, T + 1)
+    encode = conversation_encoder(tokenizer)
     epoch_tokens = count_tokens(train_mix, tokenizer, T + 1)
     model, _ = stage.build(plan_steps(tcfg.num_steps, epoch_tokens, total))
 

@@ -97,8 +97,8 @@ class TrainingStage:
         self.num_steps = 0
         # small side files are written locally first; on GCS they are uploaded at the end
         # (checkpoints go to `output_uri` directly through orbax)
+        # (nothing is created before the inputs are validated: a bad input leaves no directory behind)
         self.local_out = output_uri if not storage.is_gcs(output_uri) else tempfile.mkdtemp(prefix=f"flaxchat-{name}-")
-        os.makedirs(self.local_out, exist_ok=True)
 
     # ------------------------------------------------------------------ model
     def use_tokenizer(self, tokenizer: Tokenizer) -> Tokenizer:
@@ -147,6 +147,7 @@ class TrainingStage:
 
     # ------------------------------------------------------------------ running
     def sinks(self) -> list[Sink]:
+        os.makedirs(self.local_out, exist_ok=True)
         sinks: list[Sink] = [console_sink(self.num_steps), jsonl_sink(os.path.join(self.local_out, "metrics.jsonl"))]
         if jax.process_index() == 0:
             sinks.append(wandb_sink("flaxchat", f"{self.name}-d{self.config.model.depth}", self.config.to_dict(),

@@ -33,3 +33,16 @@ def test_speculative_bench_trains_once_then_measures(tmp_path):
     assert [r[0] for r in rows] == ["1", "3"] and all(r[-1] == "True" for r in rows)   # exact greedy tokens
     again = run_bench("speculative_bench.py", *args)
     assert "trained " not in again                              # the pair is cached in the workdir
+
+
+def test_sft_bench_quick(tmp_path):
+    out = run_bench("sft_bench.py", "--quick", "--workdir", str(tmp_path))
+    rows = [line.split() for line in out.splitlines() if line.split()[:2] == ["4", "128"]]
+    assert len(rows) == 1 and len(rows[0]) == 11                # B T compile step tok/s sup pad sup% fill rows/s rows/s
+
+
+def test_grpo_bench_quick(tmp_path):
+    out = run_bench("grpo_bench.py", "--quick", "--workdir", str(tmp_path))
+    assert "policy: trained " in out and "no _steer" in out     # trained in the workdir, tools sampled
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("2x2 ")]
+    assert len(rows) == 1 and "|" in rows[0]

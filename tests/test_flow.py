@@ -151,7 +151,7 @@ def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
 
     data_dir = tmp_path / "corpus"
     data_dir.mkdir()
-    runner = _runner(mf_env, tmp_path, {"data": {"source": str(data_dir)}})
+    runner = _runner(mf_env, tmp_path, {"data": {"source": str(data_dir)}, "tasks": {"source": "demo"}})
     with runner.run(preset="demo", artifact_root=str(tmp_path / "art")) as first:
         assert first.status == "failed"
         origin_id = first.run.id

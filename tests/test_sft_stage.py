@@ -126,7 +126,7 @@ def test_sft_packing_supervises_only_what_the_assistant_writes(tmp_path):
 
     shards = write_conversation_shards(Examples(CONVERSATIONS), Examples(CONVERSATIONS), str(tmp_path / "data"))
     assert [Path(s).name for s in shards] == ["train_00000.parquet", "val_00000.parquet"]
-    encode = conversation_encoder(tok, SEQ + 1)
+    encode = conversation_encoder(tok)
 
     # validation: one finite pass; every conversation exactly once, whole, and every supervised
     # token of every conversation is a target exactly once
@@ -143,7 +143,9 @@ def test_sft_packing_supervises_only_what_the_assistant_writes(tmp_path):
     assert (inputs == bos).sum() > len(CONVERSATIONS), "expected some padding with these sizes"
     for name in ("<|python_start|>", "<|python_end|>", "<|assistant_end|>"):
         assert sp[name] in live
-    assert val.stats.pad_tokens > 0 and val.stats.truncated_tokens == 0
+    full = [len(render_conversation(tok, c, max_tokens=10_000)[0]) for c in CONVERSATIONS]
+    assert val.stats.pad_tokens > 0
+    assert val.stats.truncated_tokens == sum(max(0, n - (SEQ + 1)) for n in full)
 
     # training: cycles over epochs with the same invariants
     train = PackedLoader(shards, encode, bos, 2, SEQ, split="train", mode="sft", seed=0)
@@ -158,7 +160,7 @@ def test_sft_conversation_longer_than_a_row_is_truncated_not_split(tmp_path):
                          {"role": "assistant", "content": " ".join(["the cat sat on the mat"] * 12)}]}
     items = [long, CONVERSATIONS[0]]
     shards = write_conversation_shards(Examples(items), Examples(items), str(tmp_path / "data"))
-    loader = PackedLoader(shards, conversation_encoder(tok, SEQ + 1), tok.bos_token_id, 1, SEQ, split="val",
+    loader = PackedLoader(shards, conversation_encoder(tok), tok.bos_token_id, 1, SEQ, split="val",
                           mode="sft", seed=0)
     rows = [x[0] for x, _ in loader]
     full, _ = render_conversation(tok, long, max_tokens=10_000)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Callable, Sequence
 
 from flaxchat.chat_format import render_conversation
@@ -51,10 +52,11 @@ def write_conversation_shards(train: _Examples, val: _Examples, out_dir: str,
     return paths
 
 
-def conversation_encoder(tokenizer, max_tokens: int) -> Callable[[list[str]], list[tuple[list[int], list[int]]]]:
-    """texts (JSON conversations) -> [(ids, mask)], each cut to max_tokens (= a packed row, T+1)."""
+def conversation_encoder(tokenizer) -> Callable[[list[str]], list[tuple[list[int], list[int]]]]:
+    """texts (JSON conversations) -> [(ids, mask)], whole: the loader truncates a conversation
+    longer than a row and counts what it cut (`PackStats.truncated_tokens`)."""
     def encode(texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-        return [render_conversation(tokenizer, json.loads(t), max_tokens=max_tokens) for t in texts]
+        return [render_conversation(tokenizer, json.loads(t), max_tokens=sys.maxsize) for t in texts]
     return encode
 
 

@@ -47,6 +47,12 @@ def make_generative_evaluator(engine, task: GradedTask, *, num_problems: int, nu
         raise ValueError("the held-out task is empty; add problems or lower the eval settings")
     conversations = [task.example(i) for i in range(n)]
     prompts = [render_for_completion(engine.tokenizer, c) for c in conversations]
+    # a prompt needs room to answer in the engine's max_len (the model's sequence_len)
+    fits = [i for i, p in enumerate(prompts) if len(p) + 2 <= engine.max_len]
+    if not fits:
+        raise ValueError(f"none of the {n} held-out prompts ({min(map(len, prompts))}+ tokens) leaves room to "
+                         f"answer within max_len={engine.max_len}; raise model.sequence_len")
+    conversations, prompts = [conversations[i] for i in fits], [prompts[i] for i in fits]
     ks = sorted({1, *[k for k in (2, 4, 8, 16, 32) if k <= num_samples], num_samples})
 
     def evaluate(model: Any) -> dict[str, Any]:
@@ -56,6 +62,7 @@ def make_generative_evaluator(engine, task: GradedTask, *, num_problems: int, nu
                             for conv, samples in zip(conversations, outs)])
         record: dict[str, Any] = {f"{prefix}pass@{k}": float(np.mean([pass_at_k(num_samples, int(row.sum()), k)
                                                                       for row in correct])) for k in ks}
+        record[f"{prefix}problems"] = len(prompts)
         record[f"{prefix}examples"] = [
             {"prompt": conv["messages"][-2]["content"] if len(conv["messages"]) > 1 else "",
              "completion": samples[0].text, "correct": bool(row[0])}
