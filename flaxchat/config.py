@@ -188,6 +188,18 @@ class RLConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The eval stage (steps/eval.py): CORE for the base model, the chat tasks for SFT and RL."""
+    core_bundle: str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # dir, zip, gs://,
+    core_max_examples: int = -1        # per CORE task, -1 = all             # URL; "demo" = generated
+    chat_max_problems: int = -1        # per chat task, -1 = all
+    max_new_tokens: int = 512          # generative tasks (GSM8K with the calculator, HumanEval, SpellingBee)
+    batch_rows: int = 16               # rows per scoring call (CORE and categorical tasks)
+    hourly_price_usd: float = 0.0      # accelerator price per hour for the report's cost estimate
+    cache_dir: str = "~/.cache/flaxchat/eval"
+
+
+@dataclass
 class PipelineConfig:
     preset: str = "demo"
     seed: int = 42
@@ -201,6 +213,7 @@ class PipelineConfig:
     sft: TrainConfig = field(default_factory=sft_defaults)
     rl: RLConfig = field(default_factory=RLConfig)
     grpo: TrainConfig = field(default_factory=grpo_defaults)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

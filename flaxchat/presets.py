@@ -24,6 +24,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                "eval_samples": 4},
         "grpo": {"num_steps": 30, "init_lr_frac": 0.3, "device_batch_size": 16, "eval_every": 10,
                  "checkpoint_every": 10, "log_every": 1},
+        "eval": {"core_bundle": "demo", "core_max_examples": 100, "chat_max_problems": 64, "max_new_tokens": 64},
     },
     "tinystories": {
         "model": {"depth": 8, "sequence_len": 512},

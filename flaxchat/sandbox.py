@@ -16,7 +16,43 @@ rlimit, or per call with `run_code(..., mode=...)`):
 - "rlimit": the fallback where bubblewrap is missing or cannot create namespaces (many
   containers). Limits and seccomp still stop time, memory and fork bombs and signals to the parent;
   as root with an interpreter other users can read, the per-run uid also protects files. Otherwise
-  the program can read and write whatever the parent's user can: a warning is logged once.
+  the program can read and write whatever the parent's user can and open loopback sockets. A
+  warning is logged once per process whenever this mode is used, chosen automatically as a fallback
+  or explicitly (FLAXCHAT_SANDBOX=rlimit, run_code(mode="rlimit")).
+Every ExecutionResult says what isolated it in `isolation`: "bwrap", "rlimit-uid" (rlimit with a
+private uid) or "rlimit"; `sandbox_isolation()` says the same for the default mode, for reports.
+
+Graded runs (`run_graded`, used by HumanEval): the verdict comes from outside the program.
+A program that runs in the same process as its tests can forge any in-process signal of success:
+exit with status 0 before the tests (os._exit, sys.exit, SystemExit), redefine `check`, patch
+builtins (AssertionError, print), catch failures with atexit or sys.excepthook, read the tests from
+its own source, return an object whose __eq__ is always True, or find a secret token through gc
+and frames. So the program and the tests never share a process:
+- The runner makes itself non-dumpable (no /proc/<pid>/mem, /fd or /environ for its own uid) and
+  forks. The child, the *candidate* process, closes every grading descriptor, locks itself down and
+  only then runs the program (prompt + completion; the tests are not in it). It then answers calls
+  of the entry point over a pair of pipes, arguments and results encoded as plain data (None,
+  bool, int, float, complex, str, bytes, and lists, tuples, sets, dicts of them).
+- The parent, the *tester* process, locks itself down too, and only then reads the tests, the
+  trusted setup (HumanEval: the prompt, for helpers such as `poly`) and a fresh per-run token
+  (secrets.token_hex) from an anonymous memfd passed by the parent process, which the candidate
+  closed before running anything. It runs the tests with a proxy for the entry point and writes the
+  token to a verdict pipe, which only it holds, after `check(proxy)` returned normally.
+- The parent process counts the run as passed only if the verdict pipe carried exactly the token,
+  the tester exited with status 0 and nothing timed out.
+What the candidate can still do: answer calls (that is the test), fail (exit, raise, hang, exhaust
+memory, send malformed data, kill its own process group including the tester: all fail the run).
+It never holds the token, the tests or a test object, cannot write to the verdict pipe, and cannot
+signal, ptrace or read the memory of the tester (seccomp, non-dumpable). Remaining attack surface,
+stated honestly: (1) kernel bugs; (2) in "rlimit" isolation (no namespaces, no private uid) the
+program runs as the parent's user: it can rewrite files the tester imports later (the standard
+library, if that user owns it) and, where Yama does not forbid it, read the parent's memory through
+/proc, where the token lives - grading is tamper-proof only under "bwrap" or "rlimit-uid" isolation,
+which the result reports; (3) without bwrap the host's files stay readable (with a private uid:
+those readable by everyone), so a program could look its answers up in a copy of the benchmark on
+disk: it still has to return them, but keep datasets unreadable to others or use bwrap; (4) a
+semantic difference from running in-process: the tests do not see the candidate's mutations of its
+arguments, and its results must be plain data.
 """
 
 from __future__ import annotations
@@ -53,7 +89,8 @@ _EXTRA_PROCESSES = 16  # RLIMIT_NPROC headroom; threads count against it too
 _UID_BASE, _UID_SPAN = 1_500_000_000, 100_000_000  # per-run uids, far from any real account
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _SYSTEM_FILES = ("/etc/ld.so.cache",)
-_DRAIN_GRACE_S = 1.0  # after a kill, how long to wait for the pipes to report end of file
+_DRAIN_GRACE_S = 1.0
+_MESSAGE_BYTES = 16 * 1024 * 1024  # largest argument list or result passed in a graded run  # after a kill, how long to wait for the pipes to report end of file
 
 
 class SandboxError(RuntimeError):
@@ -70,7 +107,8 @@ class ExecutionResult:
     memory_exceeded: bool  # the program died of MemoryError under the address-space limit
     truncated: bool  # stdout or stderr was longer than max_output_bytes
     error: str | None  # one line: the exception, the limit hit or the signal; None when ok
-    sandbox: str  # "bwrap" | "rlimit"
+    sandbox: str  # the mode: "bwrap" | "rlimit"
+    isolation: str  # what isolated this run: "bwrap" | "rlimit-uid" (private uid) | "rlimit"
 
 
 # --- mode selection ----------------------------------------------------------------------------
@@ -102,9 +140,9 @@ def _probe_bwrap() -> tuple[bool, str]:
 
 def sandbox_mode() -> str:
     """The mode run_code uses by default: FLAXCHAT_SANDBOX if set, else bwrap where it works."""
-    global _warned_degraded
     requested = os.environ.get(MODE_ENV, "auto").strip().lower() or "auto"
     if requested == "rlimit":
+        _warn_degraded(f"{MODE_ENV}=rlimit chooses the weaker mode explicitly")
         return "rlimit"
     if requested not in ("auto", "bwrap"):
         raise SandboxError(f"{MODE_ENV}={requested!r} is not one of auto, bwrap, rlimit; unset it or pick one")
@@ -113,13 +151,20 @@ def sandbox_mode() -> str:
     reason = _bwrap_status[1] if _bwrap_status else "unknown"
     if requested == "bwrap":
         raise SandboxError(f"{MODE_ENV}=bwrap but bubblewrap does not work here ({reason}); install it or unset {MODE_ENV}")
+    _warn_degraded(f"bubblewrap unavailable: {reason}")
+    return "rlimit"
+
+
+def _warn_degraded(reason: str) -> None:
+    """The one warning for rlimit mode, whether chosen as a fallback or explicitly."""
+    global _warned_degraded
     with _probe_lock:
         if not _warned_degraded:
             _warned_degraded = True
-            log.warning("!!! SANDBOX DEGRADED: bubblewrap unavailable (%s). Model-written code will run "
-                        "with rlimits and seccomp only, WITHOUT filesystem or network isolation. Install "
-                        "bubblewrap (apt-get install bubblewrap) where namespaces are allowed. !!!", reason)
-    return "rlimit"
+            log.warning("!!! SANDBOX DEGRADED (%s). Model-written code will run with rlimits and seccomp "
+                        "only, WITHOUT filesystem or network isolation: it can write files outside its "
+                        "directory and open loopback sockets. Install bubblewrap (apt-get install "
+                        "bubblewrap) where namespaces are allowed and leave FLAXCHAT_SANDBOX unset. !!!", reason)
 
 
 def isolation_level(mode: str | None = None) -> str:
@@ -134,6 +179,12 @@ def isolation_level(mode: str | None = None) -> str:
     if mode == "bwrap":
         return "namespaces"
     return "uid" if _uses_private_uid(mode, _interpreter()) else "none"
+
+
+def sandbox_isolation(mode: str | None = None) -> str:
+    """What isolates runs in `mode` (default: sandbox_mode()), as ExecutionResult.isolation spells
+    it: "bwrap", "rlimit-uid" or "rlimit". For eval reports: what graded the programs."""
+    return {"namespaces": "bwrap", "uid": "rlimit-uid", "none": "rlimit"}[isolation_level(mode)]
 
 
 # --- the interpreter and what bwrap must show of the host ---------------------------------------
@@ -267,7 +318,8 @@ def _uses_private_uid(mode: str, interpreter: str) -> bool:
 
 
 def _execute(code: str, timeout_s: float, memory_mb: int | None, max_output_bytes: int,
-             files: dict[str, str] | None, mode: str, drop_uid: bool | None = None) -> ExecutionResult:
+             files: dict[str, str] | None, mode: str, drop_uid: bool | None = None,
+             grading: dict | None = None) -> ExecutionResult:
     interpreter = _interpreter()
     as_root = os.geteuid() == 0
     if drop_uid is None:
@@ -290,24 +342,78 @@ def _execute(code: str, timeout_s: float, memory_mb: int | None, max_output_byte
                   "open_files": _OPEN_FILES, "extra_processes": _EXTRA_PROCESSES,
                   "drop_to_uid": private_uid, "accident_guard": mode == "rlimit" and private_uid is None,
                   "parent_pid": os.getpid() if mode == "rlimit" else None}
-        argv = [interpreter, "-I", "-S", "-c", _RUNNER_SOURCE, json.dumps(config)]
-        if mode == "bwrap":
-            argv = _bwrap_argv(interpreter, base_dir, work_dir, as_root) + argv
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                "HOME": work_dir, "TMPDIR": work_dir, "OMP_NUM_THREADS": "1"}
-        return _supervise(argv, env, work_dir, timeout_s, memory_mb, max_output_bytes, mode, private_uid)
+        isolation = "bwrap" if mode == "bwrap" else ("rlimit-uid" if private_uid is not None else "rlimit")
+        channel = _GradingChannel(grading) if grading is not None else None
+        try:
+            if channel is not None:
+                config["grading"] = channel.config
+            argv = [interpreter, "-I", "-S", "-c", _RUNNER_SOURCE, json.dumps(config)]
+            if mode == "bwrap":
+                argv = _bwrap_argv(interpreter, base_dir, work_dir, as_root) + argv
+            return _supervise(argv, env, work_dir, timeout_s, memory_mb, max_output_bytes, mode, private_uid,
+                              isolation, channel)
+        finally:
+            if channel is not None:
+                channel.close()
     finally:
         _remove_tree(base_dir)
 
 
+class _GradingChannel:
+    """The parent's side of a graded run: the secret memfd (tests, setup, token) and the verdict pipe."""
+
+    def __init__(self, grading: dict):
+        self.token = secrets.token_hex(16)
+        secret = {**grading, "token": self.token}
+        self.secret_fd = os.memfd_create("flaxchat-grading", os.MFD_CLOEXEC)
+        data = json.dumps(secret).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.secret_fd, view):]
+        self.verdict_r, self.verdict_w = os.pipe()
+        self.config = {"secret_fd": self.secret_fd, "verdict_fd": self.verdict_w,
+                       "entry_point": grading["entry_point"], "max_message_bytes": _MESSAGE_BYTES}
+        self.verdict = Capture(256, keep_tail=False)
+        self.reader = os.fdopen(self.verdict_r, "rb", buffering=0)
+
+    @property
+    def pass_fds(self) -> tuple[int, int]:
+        return self.secret_fd, self.verdict_w
+
+    def close_child_ends(self) -> None:
+        for name in ("secret_fd", "verdict_w"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+    def passed(self) -> bool:
+        return not self.verdict.truncated and self.verdict.text() == self.token + "\n"
+
+    def close(self) -> None:
+        self.close_child_ends()
+        self.reader.close()
+
+
 def _supervise(argv: list[str], env: dict[str, str], work_dir: str, timeout_s: float,
-               memory_mb: int | None, max_output_bytes: int, mode: str, private_uid: int | None) -> ExecutionResult:
+               memory_mb: int | None, max_output_bytes: int, mode: str, private_uid: int | None,
+               isolation: str, channel: _GradingChannel | None = None) -> ExecutionResult:
     stdout, stderr = Capture(max_output_bytes, keep_tail=False), Capture(max_output_bytes, keep_tail=True)
     deadline = time.monotonic() + timeout_s
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               cwd=work_dir, env=env, start_new_session=True, close_fds=True)
     try:
-        finished = pump({process.stdout: stdout, process.stderr: stderr}, deadline)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   cwd=work_dir, env=env, start_new_session=True, close_fds=True,
+                                   pass_fds=channel.pass_fds if channel else ())
+    finally:
+        if channel is not None:
+            channel.close_child_ends()  # the tester holds the only write end of the verdict pipe
+    streams = {process.stdout: stdout, process.stderr: stderr}
+    if channel is not None:
+        streams[channel.reader] = channel.verdict
+    try:
+        finished = pump(streams, deadline)
         finished = finished and exited(process.pid, deadline)
         try:  # the leader is alive or a zombie, so this group id cannot have been reused
             os.killpg(process.pid, signal.SIGKILL)
@@ -317,18 +423,22 @@ def _supervise(argv: list[str], env: dict[str, str], work_dir: str, timeout_s: f
         if private_uid is not None and mode == "rlimit":
             _kill_uid(private_uid)
         if not finished:
-            pump({process.stdout: stdout, process.stderr: stderr}, time.monotonic() + _DRAIN_GRACE_S)
+            pump(streams, time.monotonic() + _DRAIN_GRACE_S)
     finally:
         process.stdout.close()
         process.stderr.close()
         if process.returncode is None:
             process.kill()
             process.wait()
-    return _result(process.returncode, not finished, stdout, stderr, timeout_s, memory_mb, mode)
+    result = _result(process.returncode, not finished, stdout, stderr, timeout_s, memory_mb, mode, isolation)
+    if channel is not None and result.ok and not channel.passed():
+        # status 0 without the token: impossible for the tester unless something forged its exit
+        result = dataclasses.replace(result, ok=False, error="the tests did not report completion")
+    return result
 
 
 def _result(returncode: int, timed_out: bool, stdout: Capture, stderr: Capture, timeout_s: float,
-            memory_mb: int | None, mode: str) -> ExecutionResult:
+            memory_mb: int | None, mode: str, isolation: str) -> ExecutionResult:
     # bwrap reports a program killed by signal N as exit status 128 + N
     signal_number = -returncode if returncode < 0 else (returncode - 128 if mode == "bwrap" and returncode > 128 else 0)
     if signal_number:
@@ -353,23 +463,41 @@ def _result(returncode: int, timed_out: bool, stdout: Capture, stderr: Capture, 
         error = None
     return ExecutionResult(ok=returncode == 0 and not timed_out, stdout=stdout.text(), stderr=err_text,
                            returncode=returncode, timed_out=timed_out or cpu_limit, memory_exceeded=memory_exceeded,
-                           truncated=stdout.truncated or stderr.truncated, error=error, sandbox=mode)
+                           truncated=stdout.truncated or stderr.truncated, error=error, sandbox=mode,
+                           isolation=isolation)
 
 
 def run_code(code: str, timeout_s: float = 5.0, memory_mb: int | None = 512, max_output_bytes: int = 64_000,
-             files: dict[str, str] | None = None, *, mode: str | None = None) -> ExecutionResult:
+             files: dict[str, str] | None = None, *, mode: str | None = None,
+             grading: dict | None = None) -> ExecutionResult:
     """Run `code` as __main__ in a fresh sandboxed interpreter and report what happened.
 
     files: extra files (relative path -> text) placed in the working directory beforehand.
     memory_mb: address-space limit (None: none). mode: "bwrap" | "rlimit" | None (sandbox_mode()).
-    Raises SandboxError only when the sandbox cannot be set up; the program's own failures are
-    reported in the result (ok=False, error=...).
+    grading: internal, see run_graded. Raises SandboxError only when the sandbox cannot be set up;
+    the program's own failures are reported in the result (ok=False, error=...).
     """
     if timeout_s <= 0 or max_output_bytes <= 0:
         raise ValueError(f"timeout_s ({timeout_s}) and max_output_bytes ({max_output_bytes}) must be positive")
+    requested = mode
     mode = mode or sandbox_mode()
     if mode not in MODES:
         raise ValueError(f"sandbox mode {mode!r} is not one of {MODES}")
     if mode == "bwrap" and not bwrap_available():
         raise SandboxError(f"bwrap mode requested but bubblewrap does not work here ({_bwrap_status[1]})")
-    return _execute(code, timeout_s, memory_mb, max_output_bytes, files, mode)
+    if requested == "rlimit":  # sandbox_mode() warns for the fallback and for FLAXCHAT_SANDBOX=rlimit
+        _warn_degraded("the caller chose rlimit mode explicitly")
+    return _execute(code, timeout_s, memory_mb, max_output_bytes, files, mode, grading=grading)
+
+
+def run_graded(program: str, *, test: str, entry_point: str, setup: str = "", timeout_s: float = 5.0,
+               memory_mb: int | None = 512, max_output_bytes: int = 64_000, mode: str | None = None) -> ExecutionResult:
+    """Grade `program` against `test`, which defines `check(candidate)`; ok means check() returned.
+
+    The program (untrusted) and the tests (trusted, with the trusted `setup` run before them) run in
+    two processes; the program's `entry_point` is called through plain-data pipes and the verdict
+    is a per-run token only the tests' process can write (see the module docstring). stdout and
+    stderr hold both processes' output; error names the failure (e.g. "AssertionError").
+    """
+    return run_code(program, timeout_s, memory_mb, max_output_bytes, mode=mode,
+                    grading={"test": test, "setup": setup, "entry_point": entry_point})

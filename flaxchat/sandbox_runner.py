@@ -17,6 +17,14 @@ Order of the lock-down (each step needs the privileges the next one removes):
    without namespaces;
 4. optionally (rlimit mode without any isolation) nanochat's accident guard that disables the
    destructive os/shutil functions: a speed bump against buggy code, not a security boundary.
+
+Graded runs (config "grading", see flaxchat/sandbox.py's docstring for the design): after steps 1-2
+the runner marks itself non-dumpable and forks. The child, the *candidate* process, closes every
+grading descriptor, locks itself down (step 3-4) and only then executes the untrusted program; it
+then answers calls of the entry point over a pipe, values encoded as plain data (`encode`). The
+parent, the *tester* process, locks itself down, and only then reads the tests and the run's token
+from a descriptor the candidate has already closed; it runs the tests with a proxy for the entry
+point and writes the token to the verdict descriptor only when `check(proxy)` returned normally.
 """
 
 import builtins
@@ -208,6 +216,283 @@ def install_accident_guard() -> None:
         setattr(shutil, name, None)
 
 
+# --- graded runs: plain-data codec and framing -------------------------------------------------
+class ProtocolError(Exception):
+    """The candidate process sent something that is not a well-formed message."""
+
+
+def encode(value, depth: int = 0):
+    """A plain value as JSON-able data: only these types cross from the candidate to the tester, so
+    the tester never holds an object of the program's classes (no `__eq__` that is always True)."""
+    if depth > 100:
+        raise TypeError("value nested more than 100 levels deep")
+    if value is None or isinstance(value, bool):
+        return None if value is None else bool(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return ["i", format(int.__index__(value), "x")]
+    if isinstance(value, float):
+        return ["f", float.hex(float(value))]
+    if isinstance(value, complex):
+        return ["c", float.hex(value.real), float.hex(value.imag)]
+    if isinstance(value, (bytes, bytearray)):
+        return ["b", bytes(value).hex()]
+    tags = ((list, "l"), (tuple, "t"), (set, "S"), (frozenset, "F"))
+    for kind, tag in tags:
+        if isinstance(value, kind):
+            return [tag, [encode(item, depth + 1) for item in list(value)]]
+    if isinstance(value, dict):
+        return ["d", [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in list(value.items())]]
+    raise TypeError(f"a value of type {type(value).__name__} cannot be passed between the program and the tests")
+
+
+def decode(data):
+    """The inverse of `encode`; ProtocolError for anything else (the tester decodes untrusted data)."""
+    if data is None or type(data) is bool or type(data) is str:
+        return data
+    if type(data) is not list or not data or type(data[0]) is not str:
+        raise ProtocolError(f"malformed value {str(data)[:80]!r}")
+    tag, rest = data[0], data[1:]
+    try:
+        if tag == "i" and len(rest) == 1 and type(rest[0]) is str:
+            return int(rest[0], 16)
+        if tag == "f" and len(rest) == 1 and type(rest[0]) is str:
+            return float.fromhex(rest[0])
+        if tag == "c" and len(rest) == 2 and all(type(r) is str for r in rest):
+            return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
+        if tag == "b" and len(rest) == 1 and type(rest[0]) is str:
+            return bytes.fromhex(rest[0])
+        if len(rest) == 1 and type(rest[0]) is list:
+            items = rest[0]
+            if tag == "l":
+                return [decode(item) for item in items]
+            if tag == "t":
+                return tuple(decode(item) for item in items)
+            if tag == "S":
+                return {decode(item) for item in items}
+            if tag == "F":
+                return frozenset(decode(item) for item in items)
+            if tag == "d" and all(type(pair) is list and len(pair) == 2 for pair in items):
+                return {decode(k): decode(v) for k, v in items}
+    except (ValueError, TypeError, OverflowError, RecursionError) as error:
+        raise ProtocolError(f"malformed value: {error}") from None
+    raise ProtocolError(f"malformed value with tag {tag[:20]!r}")
+
+
+def send(fd: int, message) -> None:
+    data = json.dumps(message, ensure_ascii=True).encode()
+    payload = len(data).to_bytes(4, "big") + data
+    while payload:
+        payload = payload[os.write(fd, payload):]
+
+
+def receive(fd: int, limit: int):
+    """One message, or None at end of file; ProtocolError when it is malformed or over `limit`."""
+    header = _read_exactly(fd, 4)
+    if header is None:
+        return None
+    size = int.from_bytes(header, "big")
+    if size > limit:
+        raise ProtocolError(f"message of {size} bytes exceeds the {limit}-byte limit")
+    data = _read_exactly(fd, size)
+    if data is None:
+        raise ProtocolError("the candidate process closed the channel mid-message")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise ProtocolError(f"malformed message: {error}") from None
+
+
+def _read_exactly(fd: int, size: int):
+    chunks, remaining = [], size
+    while remaining:
+        chunk = os.read(fd, min(remaining, 1 << 20))
+        if not chunk:
+            if remaining == size:
+                return None
+            raise ProtocolError("the candidate process closed the channel mid-message")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _describe(error: BaseException) -> str:
+    try:
+        text = str(error)
+    except BaseException:  # noqa: BLE001 - the program's own __str__ may raise anything
+        text = "<unprintable>"
+    name = type(error).__name__ if isinstance(type(error).__name__, str) else "Exception"
+    return f"{name}: {text}"[:2000] if text else name[:2000]
+
+
+# --- graded runs: the two processes -------------------------------------------------------------
+class CandidateError(Exception):
+    """The program could not answer a call: it raised, exited, or sent something malformed."""
+
+
+def serve_candidate(source: str, entry_point: str, requests: int, replies: int, limit: int) -> int:
+    """The candidate process: run the untrusted program, then answer calls of its entry point."""
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    try:
+        exec(compile(source, "<program>", "exec"), namespace)  # noqa: S102 - running it is the point
+    except BaseException as error:  # noqa: BLE001 - exits included: an exit is not a pass
+        traceback.print_exception(type(error), error, error.__traceback__.tb_next)
+        send(replies, ["failed", f"the program raised {_describe(error)} before the tests ran"])
+        return 1
+    candidate = namespace.get(entry_point)
+    if not callable(candidate):
+        send(replies, ["failed", f"the program does not define a function {entry_point!r}"])
+        return 1
+    send(replies, ["ready"])
+    while True:
+        request = receive(requests, limit)
+        if request is None:
+            return 0
+        args, kwargs = decode(request[0]), decode(request[1])
+        try:
+            reply = ["value", encode(candidate(*args, **kwargs))]
+        except Exception as error:  # noqa: BLE001 - reported to the tester as a raise
+            traceback.print_exception(type(error), error, error.__traceback__.tb_next)
+            reply = ["raised", type(error).__name__, _describe(error)]
+        except BaseException as error:  # SystemExit, KeyboardInterrupt: no answer, then stop
+            send(replies, ["failed", f"the program raised {_describe(error)} inside {entry_point}()"])
+            return 1
+        send(replies, reply)
+
+
+def _candidate_proxy(entry_point: str, requests: int, replies: int, limit: int):
+    """What the tests call instead of the program's function: plain data in, plain data out."""
+    state = {"broken": None}
+
+    def exchange():
+        try:
+            message = receive(replies, limit)
+        except ProtocolError as error:
+            raise CandidateError(str(error)) from None
+        if message is None:
+            raise CandidateError(f"the program exited before {entry_point}() returned")
+        return message
+
+    def candidate(*args, **kwargs):
+        if state["broken"]:
+            raise CandidateError(state["broken"])
+        try:
+            send(requests, [encode(list(args)), encode(dict(kwargs))])
+        except BrokenPipeError:
+            raise CandidateError(f"the program exited before {entry_point}() was called") from None
+        message = exchange()
+        if type(message) is list and len(message) == 2 and message[0] == "value":
+            try:
+                return decode(message[1])
+            except ProtocolError as error:
+                raise CandidateError(str(error)) from None
+        if type(message) is list and len(message) == 3 and message[0] == "raised" and type(message[2]) is str:
+            kind = getattr(builtins, str(message[1]), None)
+            if isinstance(kind, type) and issubclass(kind, Exception) and kind is not AssertionError:
+                try:
+                    error = kind(message[2])
+                except Exception:  # noqa: BLE001 - exception classes with other signatures
+                    error = CandidateError(message[2])
+            else:
+                error = CandidateError(message[2])
+            raise error
+        state["broken"] = str(message[1])[:2000] if type(message) is list and len(message) == 2 else \
+            f"malformed reply {str(message)[:80]!r}"
+        raise CandidateError(state["broken"])
+
+    candidate.__name__ = candidate.__qualname__ = entry_point
+    return candidate
+
+
+def run_tests(secret: dict, verdict_fd: int, requests: int, replies: int, limit: int) -> int:
+    """The tester process: the trusted setup and tests, then the token only if check() returned."""
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    entry_point = secret["entry_point"]
+    try:
+        status = receive(replies, limit)
+        if status is None:
+            raise CandidateError("the program exited before the tests ran")
+        if status != ["ready"]:
+            raise CandidateError(str(status[1])[:2000] if type(status) is list and len(status) == 2
+                                 else f"malformed status {str(status)[:80]!r}")
+        import linecache  # a failing assert shows its line (the output goes to the parent only)
+
+        for name in ("setup", "test"):
+            lines = secret[name].splitlines(keepends=True)
+            linecache.cache[f"<{name}>"] = (len(secret[name]), None, lines, f"<{name}>")
+            exec(compile(secret[name], f"<{name}>", "exec"), namespace)  # noqa: S102 - trusted code
+        proxy = _candidate_proxy(entry_point, requests, replies, limit)
+        namespace[entry_point] = proxy  # helpers of the setup that call it by name get the proxy
+        namespace["check"](proxy)
+    except ProtocolError as error:
+        print(f"CandidateError: {error}", file=sys.stderr)
+        return 1
+    except CandidateError as error:
+        print(f"CandidateError: {error}", file=sys.stderr)
+        return 1
+    except BaseException as error:  # noqa: BLE001 - any failure of the tests is a failed grade
+        traceback.print_exception(type(error), error, error.__traceback__.tb_next)
+        return 1
+    os.write(verdict_fd, (secret["token"] + "\n").encode())
+    return 0
+
+
+def _read_secret(fd: int) -> dict:
+    chunks, offset = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    os.close(fd)
+    return json.loads(b"".join(chunks))
+
+
+def run_graded(source: str, config: dict) -> int:
+    grading = config["grading"]
+    secret_fd, verdict_fd, limit = grading["secret_fd"], grading["verdict_fd"], grading["max_message_bytes"]
+    _, libc = _libc()
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE 0: no /proc/<pid>/mem, fd or environ for
+        raise OSError("could not make the tester process non-dumpable")  # the candidate (inherited)
+    request_r, request_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    tester_pid = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the candidate process: nothing of the tests is in its memory or descriptors
+        code = 1
+        try:
+            for fd in (secret_fd, verdict_fd, request_w, reply_r):
+                os.close(fd)
+            die_with_parent(tester_pid)
+            install_seccomp_filter()
+            if config["accident_guard"]:
+                install_accident_guard()
+            code = serve_candidate(source, grading["entry_point"], request_r, reply_w, limit)
+        except BaseException as error:  # noqa: BLE001
+            try:
+                traceback.print_exception(type(error), error, error.__traceback__)
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    os.close(request_r)
+    os.close(reply_w)
+    install_seccomp_filter()
+    secret = _read_secret(secret_fd)  # only now: the candidate closed its copy before running anything
+    code = run_tests(secret, verdict_fd, request_w, reply_r, limit)
+    os.close(verdict_fd)
+    os.close(request_w)  # the candidate sees end of file and stops; it also dies with this process
+    return code
+
+
 # --- run ---------------------------------------------------------------------------------------
 def run_program(source: str) -> int:
     namespace = {"__name__": "__main__", "__builtins__": builtins}
@@ -232,6 +517,8 @@ def main(argv: list) -> int:
     set_limits(config)
     drop_privileges(config["drop_to_uid"])
     die_with_parent(config["parent_pid"])
+    if config.get("grading"):
+        return run_graded(source, config)
     install_seccomp_filter()
     if config["accident_guard"]:
         install_accident_guard()

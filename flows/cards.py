@@ -147,3 +147,37 @@ def grpo_summary(manifest: dict[str, Any]) -> list:
             for r in manifest.get("rollouts", [])]
     return [_result(manifest, parts), metrics_table(m),
             Table(rows, headers=["round", "reward mean", "sampled tokens", "tool calls"]), _checkpoint(manifest)]
+
+
+def eval_card(manifest: dict[str, Any]) -> list:
+    """The run's report card: metrics table (ours beside nanochat's), wall time per stage, CORE tasks."""
+    from flaxchat.eval.report import metrics_rows
+    report = manifest["report"]
+    env = report["environment"]
+    header, rows = metrics_rows(report)
+    stages = [{"stage": name, "seconds": s["wall_seconds"] or 0.0} for name, s in report["stages"].items()]
+    chart = {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "title": "wall time per stage (s)",
+             "width": 420, "height": 160, "data": {"values": stages}, "mark": "bar",
+             "encoding": {"y": {"field": "stage", "type": "nominal", "sort": None},
+                          "x": {"field": "seconds", "type": "quantitative"}}}
+    stage_rows = [[name, _fmt(s["wall_seconds"]), _fmt(s["steps"]), _fmt(s["tokens_seen"]), _fmt(s["final_loss"])]
+                  for name, s in report["stages"].items()]
+    out = [
+        Markdown(f"# Report card — d{report['depth']}"),
+        Markdown(f"{env['devices']} · jax {env['versions'].get('jax')} · flax {env['versions'].get('flax')} · "
+                 f"git {env['git_revision']} · {report['total_wall_seconds'] / 60:.1f} min · estimated cost "
+                 f"${report['estimated_cost_usd']:.2f} at ${report['hourly_price_usd']:.2f}/h · code graded with "
+                 f"`{report.get('isolation', 'n/a')}` isolation"),
+        Markdown("## Metrics (nanochat's figure for this depth in parentheses)"),
+        Table(rows, headers=header),
+        Markdown("## Stages"),
+        Table(stage_rows, headers=["stage", "wall s", "steps", "tokens seen", "final loss"]),
+        VegaChart(chart),
+        Table([[k, f"{v:,}"] for k, v in report["parameters"].items()], headers=["parameters", "count"]),
+    ]
+    core = report.get("details", {}).get("BASE")
+    if core:
+        out += [Markdown("## CORE tasks"),
+                Table([[label, _fmt(r.get("accuracy")), _fmt(r.get("centered"))] for label, r in core.items()],
+                      headers=["task", "accuracy", "centered"])]
+    return out

@@ -1,4 +1,4 @@
-"""FullPipelineFlow: tokenizer -> pretrain -> sft -> grpo, as Metaflow steps.
+"""FullPipelineFlow: tokenizer -> pretrain -> sft -> grpo -> eval, as Metaflow steps.
 
 Each stage step calls one `steps.<stage>.run(config, inputs, output_uri)` and stores the
 returned manifest as an artifact named after the stage. Big files live under the
@@ -59,7 +59,7 @@ class FullPipelineFlow(FlowSpec):
 
     overrides = Config("config", default_value={}, parser=yaml.safe_load,
                        help="YAML file of config overrides (sections: model, tokenizer, data, mesh, pretrain, "
-                            "tasks, sft, rl, grpo)")
+                            "tasks, sft, rl, grpo, eval)")
     preset = Parameter("preset", default="demo", help="demo | tinystories | climbmix | speedrun")
     depth = Parameter("depth", type=int, default=0, help="model depth (0 = the preset's)")
     artifact_root = Parameter("artifact-root", default="./artifacts",
@@ -153,6 +153,19 @@ class FullPipelineFlow(FlowSpec):
         live = LiveTrainingCard(current.card["grpo"], "GRPO with tool use",
                                 (("pass@1", "held-out pass@1"), (f"pass@{k}", f"held-out pass@{k}")))
         self.grpo = self._train_stage("grpo", {"sft": self.manifest("sft")}, live, grpo_summary)
+        self.next(self.eval)
+
+    @card(type="blank", id="eval")
+    @step
+    def eval(self):
+        """CORE for the base model, the chat tasks for SFT and RL; the run's report card."""
+        from steps import eval as eval_stage
+        from flows.cards import eval_card
+        inputs = {name: self.manifest(name) for name in ("tokenizer", "pretrain", "sft", "grpo")}
+        with clear_errors():
+            self.eval = eval_stage.run(self._config(), inputs, self._stage_uri("eval"), git_revision=self.git_revision)
+        for component in eval_card(self.eval):
+            current.card["eval"].append(component)
         self.next(self.end)
 
     @step
@@ -169,6 +182,8 @@ class FullPipelineFlow(FlowSpec):
               f"{_fmt(m['greedy_accuracy_initial'])} -> {m['greedy_accuracy']:.3f} in {m['steps']} steps")
         m = self.manifest("grpo")["metrics"]
         print(f"grpo: held-out pass@1 {_fmt(m['pass@1_initial'])} -> {m['pass@1']:.3f} in {m['steps']} steps")
+        ev = self.manifest("eval")
+        print(f"eval: " + ", ".join(f"{k} {v:.4f}" for k, v in ev["metrics"].items()) + f" -> {ev['uri']}/report.md")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: s
         "pass@1_initial": p1_before, "pass@1": p1_after, f"pass@{k}_initial": pk_before, f"pass@{k}": pk_after,
         "seed": config.seed, "rounds": num_steps // rl.updates_per_batch, "row_len": row_len,
         "advantage": rl.advantage, "eval_problems": min(rl.eval_problems, len(eval_task)),
+        "tokens_seen": int(sum(r["sampled_len"] for r in rollouts) * rl.prompts_per_step * rl.samples_per_prompt),
     }
     for r in rollouts[:-3]:
         r.pop("examples", None)        # keep the manifest small: examples of the last rounds only

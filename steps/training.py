@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 from typing import Any, Callable
 
 import jax
@@ -87,6 +88,7 @@ class TrainingStage:
     def __init__(self, name: str, config: PipelineConfig, train_cfg: TrainConfig, output_uri: str, *,
                  resume_from: str | None = None, extra_sinks: tuple[Callable, ...] = ()):
         initialize_distributed()
+        self.started = time.time()
         self.name, self.config, self.train_cfg, self.output_uri = name, config, train_cfg, output_uri
         self.resume_from, self.extra_sinks = resume_from, tuple(extra_sinks)
         self.mesh = make_mesh(config.mesh)
@@ -191,6 +193,7 @@ class TrainingStage:
             "tok_per_s": float(np.median([r["tok_per_s"] for r in tail])) if tail else None,
             **metrics,
             "params_sha256": tree_digest(self.model.param_tree()),
+            "wall_seconds": time.time() - self.started,
         }
         if self.upstream is not None:
             extra.setdefault("parent", {"stage": self.upstream.get("stage"), "uri": self.upstream["uri"]})

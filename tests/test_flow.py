@@ -29,6 +29,7 @@ TINY = {
     "rl": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 12, "eval_problems": 4,
            "eval_samples": 2},
     "grpo": {"num_steps": 4, "device_batch_size": 2, "eval_every": 0, "checkpoint_every": 2, "log_every": 1},
+    "eval": {"core_max_examples": 6, "chat_max_problems": 4, "max_new_tokens": 12},
 }
 
 
@@ -49,6 +50,7 @@ def mf_env(tmp_path, monkeypatch):
 def _config_file(tmp_path, extra=None):
     cfg = json.loads(json.dumps(TINY))
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    cfg["eval"]["cache_dir"] = str(tmp_path / "eval-cache")
     for section, values in (extra or {}).items():
         cfg.setdefault(section, {}).update(values)
     path = tmp_path / "overrides.yaml"
@@ -142,6 +144,21 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     verify_files(rl)
     gcard = card_text(get_cards(run["grpo"].task, id="grpo")[0].get())
     assert "held-out pass@1" in gcard and "tool calls per completion" in gcard and "Rollouts of round" in gcard
+
+    # the report card, read back through the client API
+    ev = run["eval"].task.data.eval
+    assert ev["stage"] == "eval" and ev["models"] == {"BASE": pre["uri"], "SFT": sft["uri"], "RL": rl["uri"]}
+    report = ev["report"]
+    assert set(report["metrics"]) == {"BASE", "SFT", "RL"} and "CORE" in report["metrics"]["BASE"]
+    assert set(report["metrics"]["SFT"]) == set(report["metrics"]["RL"]) == {"DemoChoice", "DemoMath"}
+    assert set(report["stages"]) == {"tokenizer", "pretrain", "sft", "grpo"}
+    assert all(s["wall_seconds"] > 0 for s in report["stages"].values())
+    assert report["environment"]["git_revision"] == run["start"].task.data.git_revision
+    verify_files(ev)
+    md = (Path(ev["uri"]) / "report.md").read_text()
+    assert "| BASE |" in md and "| RL |" in md and "demo_sounds" not in md
+    ecard = card_text(get_cards(run["eval"].task, id="eval")[0].get())
+    assert "Report card" in ecard and "CORE tasks" in ecard and "demo_calc" in ecard and "DemoMath" in ecard
 
 
 def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):

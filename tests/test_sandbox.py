@@ -117,7 +117,8 @@ def _run_in_wrapper(code: str, mode: str, tmp_path: Path) -> dict:
 def test_prints_stdout(mode):
     result = run_code("print('hello', 6 * 7)\nimport sys; print('err', file=sys.stderr)", mode=mode)
     assert result == ExecutionResult(ok=True, stdout="hello 42\n", stderr="err\n", returncode=0, timed_out=False,
-                                     memory_exceeded=False, truncated=False, error=None, sandbox=mode)
+                                     memory_exceeded=False, truncated=False, error=None, sandbox=mode,
+                                     isolation=sandbox.sandbox_isolation(mode))
 
 
 def test_exception_gives_traceback(mode):
@@ -421,8 +422,53 @@ def test_fallback_warns_once(monkeypatch, caplog):
         run_code("print(1)", mode="bwrap")
 
 
+def test_explicit_rlimit_warns_like_the_fallback(monkeypatch, caplog):
+    """Choosing the weaker mode on purpose warns exactly as the automatic fallback does."""
+    def warnings_for(setup) -> list[str]:
+        monkeypatch.setattr(sandbox, "_warned_degraded", False)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="flaxchat.sandbox"):
+            setup()
+            setup()
+        return [r.getMessage() for r in caplog.records if "SANDBOX DEGRADED" in r.getMessage()]
+
+    def fallback():
+        monkeypatch.delenv(sandbox.MODE_ENV, raising=False)
+        monkeypatch.setattr(sandbox, "_bwrap_status", (False, "pretend bwrap is missing"))
+        assert sandbox.sandbox_mode() == "rlimit"
+
+    def from_environment():
+        monkeypatch.setenv(sandbox.MODE_ENV, "rlimit")
+        assert sandbox.sandbox_mode() == "rlimit"
+
+    def per_call():
+        monkeypatch.delenv(sandbox.MODE_ENV, raising=False)
+        assert run_code("print(1)", mode="rlimit").ok
+
+    def template(message: str) -> str:  # the text without the reason in parentheses
+        return message[:message.index("(")] + message[message.index(")"):]
+
+    messages = [warnings_for(setup) for setup in (fallback, from_environment, per_call)]
+    assert all(len(m) == 1 for m in messages), messages  # once per process, not per call
+    assert len({template(m[0]) for m in messages}) == 1, messages
+    assert "FLAXCHAT_SANDBOX=rlimit" in messages[1][0] and "pretend bwrap is missing" in messages[0][0]
+    for text in ("WITHOUT filesystem or network isolation", "outside its directory", "loopback sockets"):
+        assert text in messages[1][0]
+
+
+def test_isolation_is_recorded(mode, monkeypatch):
+    expected = {"namespaces": "bwrap", "uid": "rlimit-uid", "none": "rlimit"}[isolation_level(mode)]
+    result = run_code("print(1)", mode=mode)
+    assert result.isolation == expected == sandbox.sandbox_isolation(mode)
+    assert result.sandbox == mode and expected.startswith(mode)
+    assert run_humaneval({"prompt": "def f():\n", "test": "def check(c):\n    assert c() == 1\n",
+                          "entry_point": "f"}, "    return 1\n", mode=mode).isolation == expected
+    monkeypatch.setenv(sandbox.MODE_ENV, "rlimit")
+    assert sandbox.sandbox_isolation() == sandbox.sandbox_isolation("rlimit")
+
+
 def test_result_is_a_plain_record():
     result = run_code("print('x')", mode="rlimit")
     assert set(dataclasses.asdict(result)) == {"ok", "stdout", "stderr", "returncode", "timed_out",
-                                               "memory_exceeded", "truncated", "error", "sandbox"}
+                                               "memory_exceeded", "truncated", "error", "sandbox", "isolation"}
     assert result.ok and result.stdout == "x\n"

@@ -333,7 +333,7 @@ def test_mixtures_from_config(tmp_path):
     cfg = SimpleNamespace(seed=5, tasks=tasks)
     train = mixtures.sft_train_mixture(cfg)
     n_user = len(UserJSONL(str(identity)))
-    assert len(train) == 40 + 2 * 30 + 2 * n_user
+    assert len(train) == 40 + 2 * 30 + 30 + 2 * n_user
     assert [train.example(i) for i in range(10)] == [mixtures.sft_train_mixture(cfg).example(i) for i in range(10)]
     val = mixtures.sft_val_mixture(cfg)
     assert len(val) == 20
@@ -354,7 +354,7 @@ def test_mixtures_with_a_resolved_demo_config(tmp_path):
     assert cfg.tasks.source == "demo"  # resolved from data.source=demo
     n_user = len(UserJSONL(str(user)))
     train = mixtures.sft_train_mixture(cfg)
-    assert len(train) == 50 + 2 * 20 + 3 * n_user
+    assert len(train) == 50 + 2 * 20 + 20 + 3 * n_user   # chats, word problems x2, multiple choice, user x3
     assert sum(isinstance(train.task_of(i), UserJSONL) for i in range(len(train))) == 3 * n_user
     assert len(mixtures.sft_val_mixture(cfg)) == 16
     assert len(mixtures.rl_train_task(cfg)) == 20 and len(mixtures.rl_eval_task(cfg)) == 8

@@ -6,7 +6,7 @@
     SFT val:   SmolTalk test + MMLU test[:val_mmlu_max] + GSM8K test[:val_gsm8k_max]
     RL:        GSM8K train; RL eval: GSM8K test
   (datasets downloaded once into tasks.cache_dir through flaxchat.tasks.hf).
-* demo — offline, generated: DemoChat x1 + DemoMath x2 for SFT, DemoMath for RL, each with a
+* demo — offline, generated: DemoChat x1 + DemoMath x2 + DemoChoice x1 for SFT, DemoMath for RL, each with a
   disjoint validation split of tasks.demo_val items (see demo.py).
 Either way `tasks.user_jsonl`, when set, adds the user's conversations x user_epochs to SFT train.
 Mixtures are shuffled with cfg.seed (nanochat's fixed 42 is also our default seed).
@@ -54,7 +54,10 @@ def sft_train_mixture(cfg: "PipelineConfig") -> TaskMixture:
     t = cfg.tasks
     if _source(cfg) == "demo":
         from flaxchat.tasks.demo import DemoChat, DemoMath
-        entries = [(DemoChat(cfg.seed, t.demo_conversations), 1), (DemoMath(cfg.seed, t.demo_problems), 2)]
+        from flaxchat.tasks.demo_choice import DemoChoice
+        # DemoChoice teaches the lettered multiple-choice format the eval stage asks in (as MMLU does)
+        entries = [(DemoChat(cfg.seed, t.demo_conversations), 1), (DemoMath(cfg.seed, t.demo_problems), 2),
+                   (DemoChoice(cfg.seed, t.demo_problems, split="train"), 1)]
     else:
         from flaxchat.tasks.gsm8k import GSM8K
         from flaxchat.tasks.mmlu import MMLU
@@ -101,3 +104,33 @@ def rl_eval_task(cfg: "PipelineConfig") -> Task:
         return DemoMath(cfg.seed, cfg.tasks.demo_val, split="val", train_n=cfg.tasks.demo_problems)
     from flaxchat.tasks.gsm8k import GSM8K
     return GSM8K("test", cache_dir=cfg.tasks.cache_dir)
+
+
+def chat_eval_tasks(cfg: "PipelineConfig") -> dict[str, Task]:
+    """The chat model's evaluation tasks by report name (flaxchat.eval.chat_eval runs them).
+
+    nanochat: ARC-Easy, ARC-Challenge, MMLU (test splits; categorical), GSM8K test and HumanEval
+    (generative; the five ChatCORE tasks), plus SpellingBee test (256 generated problems,
+    reported beside ChatCORE). demo (offline): DemoChoice (categorical, tasks.demo_val generated
+    questions) and DemoMath (the held-out split `rl_eval_task` uses).
+    Nothing is downloaded here: the HF tasks fetch their split when first indexed.
+    """
+    from flaxchat.tasks.spelling import SpellingBee
+    t = cfg.tasks
+    if _source(cfg) == "demo":
+        from flaxchat.tasks.demo_choice import DemoChoice
+        # no SpellingBee offline: the demo mixture never teaches spelling, and its spelled-out answers
+        # do not fit the demo's short generation budget, so it would only ever report 0
+        return {"DemoChoice": DemoChoice(cfg.seed, t.demo_val, split="test"), "DemoMath": rl_eval_task(cfg)}
+    from flaxchat.tasks.arc import ARC
+    from flaxchat.tasks.gsm8k import GSM8K
+    from flaxchat.tasks.humaneval_task import HumanEval
+    from flaxchat.tasks.mmlu import MMLU
+    return {
+        "ARC-Easy": ARC("ARC-Easy", "test", cache_dir=t.cache_dir),
+        "ARC-Challenge": ARC("ARC-Challenge", "test", cache_dir=t.cache_dir),
+        "MMLU": MMLU("test", cache_dir=t.cache_dir),
+        "GSM8K": GSM8K("test", cache_dir=t.cache_dir),
+        "HumanEval": HumanEval(cache_dir=t.cache_dir),
+        "SpellingBee": SpellingBee(size=256, split="test", seed=cfg.seed),
+    }
