@@ -76,12 +76,29 @@ def _resume(mf_env, origin_id):
     return Flow("FullPipelineFlow")[new_id]
 
 
-def _uninterrupted(stage: str, upstream: str, manifest: dict, tmp_path) -> dict:
+def _crashing_run(mf_env, tmp_path, kill: dict, extra: dict | None = None) -> str:
+    """A run whose task SIGKILLs itself (tests/killhook); returns its run id. Started as a plain
+    subprocess with --run-id-file: the Runner API's attribute FIFO can come back empty when a
+    task is killed under load, failing the test for the wrong reason."""
+    import subprocess
+    id_file = tmp_path / "origin-run-id"
+    env = {**os.environ, **mf_env, **kill, "PYTHONPATH": str(Path(__file__).resolve().parent / "killhook")}
+    proc = subprocess.run([sys.executable, FLOW, "--config", "config", _config_file(tmp_path, extra), "run",
+                           "--preset", "demo", "--artifact-root", str(tmp_path / "art"), "--run-id-file", str(id_file)],
+                          cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode != 0, "the run was supposed to be killed"
+    return id_file.read_text().strip()
+
+
+def _uninterrupted(stage: str, upstream: str, manifest: dict, tmp_path, extra: dict | None = None) -> dict:
     """Run `stage` alone (python -m steps.<stage>) on an upstream output with the TINY config."""
     import subprocess
     ref = tmp_path / f"reference-{stage}"
-    overrides = [f"{section}.{key}={value}" for section, values in json.loads(json.dumps(TINY)).items()
-                 for key, value in values.items()]
+    cfg = json.loads(json.dumps(TINY))
+    for section, values in (extra or {}).items():
+        cfg.setdefault(section, {}).update(values)
+    overrides = [f"{section}.{key}={value}" for section, values in cfg.items() for key, value in values.items()]
     proc = subprocess.run([sys.executable, "-m", f"steps.{stage}", "--out", str(ref), "--input",
                            f"{upstream}={manifest['uri']}", *sum((["--set", o] for o in overrides), [])],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -203,15 +220,7 @@ def test_killed_pretrain_resumes_from_the_origin_checkpoint(mf_env, tmp_path):
     """SIGKILL the pretrain task mid-training; `resume` clones start+tokenizer, and pretrain
     continues from the origin run's last checkpoint (step > 0) to the same parameters as an
     uninterrupted run of the stage."""
-    from metaflow import Runner
-
-    killhook = str(Path(__file__).resolve().parent / "killhook")
-    crash_env = {**mf_env, "KILL_MODE": "batch:6", "PYTHONPATH": killhook}
-    crashing = Runner(FLOW, show_output=False, env=crash_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"],
-                      config=[("config", _config_file(tmp_path))])
-    with crashing.run(preset="demo", artifact_root=str(tmp_path / "art")) as first:
-        assert first.status == "failed"
-        origin_id = first.run.id
+    origin_id = _crashing_run(mf_env, tmp_path, {"KILL_MODE": "batch:6"})
     run = _resume(mf_env, origin_id)
     new_id = run.id
     assert "origin-task-id" in {m.name for m in run["tokenizer"].task.metadata}   # cloned
@@ -228,23 +237,17 @@ def test_killed_pretrain_resumes_from_the_origin_checkpoint(mf_env, tmp_path):
 def test_killed_grpo_resumes_from_its_checkpoint_to_the_uninterrupted_params(mf_env, tmp_path):
     """SIGKILL the grpo task after its step-2 checkpoint; `resume` clones tokenizer, pretrain and
     sft, GRPO continues from step 2 of the origin run, and its final parameters equal those of the
-    same stage run without interruption from the same SFT output."""
-    from metaflow import Runner
-
-    killhook = str(Path(__file__).resolve().parent / "killhook")
-    crash_env = {**mf_env, "KILL_MODE": "batch:4", "KILL_STAGE": "grpo", "PYTHONPATH": killhook}
-    crashing = Runner(FLOW, show_output=False, env=crash_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"],
-                      config=[("config", _config_file(tmp_path))])
-    with crashing.run(preset="demo", artifact_root=str(tmp_path / "art")) as first:
-        assert first.status == "failed"
-        origin_id = first.run.id
+    same stage run without interruption from the same SFT output. Six steps: the step-4 save
+    first waits for step 2's, so step 2 is on disk when batch 6 kills the task."""
+    six = {"grpo": {"num_steps": 6}}
+    origin_id = _crashing_run(mf_env, tmp_path, {"KILL_MODE": "batch:6", "KILL_STAGE": "grpo"}, six)
     run = _resume(mf_env, origin_id)
     for cloned in ("tokenizer", "pretrain", "sft"):
         assert "origin-task-id" in {m.name for m in run[cloned].task.metadata}, cloned
     assert "origin-task-id" not in {m.name for m in run["grpo"].task.metadata}
     rl = run["grpo"].task.data.grpo
-    assert rl["metrics"]["resumed_from_step"] == 2 and rl["metrics"]["steps"] == 4
+    assert rl["metrics"]["resumed_from_step"] in (2, 4) and rl["metrics"]["steps"] == 6
     assert f"/{run.id}/grpo" in rl["uri"]
 
-    reference = _uninterrupted("grpo", "sft", run["sft"].task.data.sft, tmp_path)
+    reference = _uninterrupted("grpo", "sft", run["sft"].task.data.sft, tmp_path, six)
     assert rl["metrics"]["params_sha256"] == reference["metrics"]["params_sha256"]

@@ -221,12 +221,14 @@ def nanochat_groups(train_cfg: TrainConfig, model_cfg: ModelConfig, batch_lr_sca
     dmodel_scale = (n_embd / 768) ** -0.5
     s_b = float(batch_lr_scale)
     wd = train_cfg.weight_decay if weight_decay is None else float(weight_decay)
+    # unresolved (-1): nanochat's fixed ratio, half the embedding LR (config.resolve fills it in too)
+    ve_lr = train_cfg.value_embedding_lr if train_cfg.value_embedding_lr >= 0 else train_cfg.embedding_lr / 2
     polar = str(polar_dtype_for(polar_dtype or model_cfg.compute_dtype))
     return (
         AdamWGroup("lm_head", r"lm_head(\..+)?", train_cfg.unembedding_lr * s_b * dmodel_scale, (0.8, 0.96), 0.01),
         AdamWGroup("wte", r"wte(\..+)?", train_cfg.embedding_lr * s_b * dmodel_scale, (0.8, 0.995), 0.001),
         AdamWGroup("value_embeds", r"value_embeds(\..+)?",
-                   train_cfg.value_embedding_lr * s_b * dmodel_scale, (0.8, 0.995), 0.01),
+                   ve_lr * s_b * dmodel_scale, (0.8, 0.995), 0.01),
         AdamWGroup("resid_lambdas", r"resid_lambdas", train_cfg.scalar_lr * s_b * 0.01, (0.8, 0.95), 0.05),
         AdamWGroup("x0_lambdas", r"x0_lambdas", train_cfg.scalar_lr * s_b, (0.96, 0.95), 0.0),
         AdamWGroup("smear", r"(smear_gate|smear_lambda|backout_lambda)(\..+)?", train_cfg.smear_lr,
