@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from flaxchat import sandbox
-from flaxchat.humaneval import run_humaneval
+from flaxchat.sandbox import execute as sandbox
+from flaxchat.sandbox.humaneval import run_humaneval
 
 pytestmark = pytest.mark.timeout(300)
 

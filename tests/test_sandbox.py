@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from flaxchat import sandbox
-from flaxchat.sandbox import (
+from flaxchat.sandbox import execute as sandbox
+from flaxchat.sandbox.execute import (
     ExecutionResult,
     SandboxError,
     isolation_level,
     run_code,
 )
-from flaxchat.humaneval import run_humaneval
+from flaxchat.sandbox.humaneval import run_humaneval
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -66,6 +66,10 @@ def test_gsm8k_test_split_tool_calls_and_answers():
         expected = final_line[len("#### "):].strip().replace(",", "")
         assert extract_answer(references[i]) == expected
         assert task.evaluate(conv, f"The answer is\n#### {expected}") == 1.0
+        # the reference solution itself, as the assistant's rendered reply would read, scores 1
+        # through the eval's own grading
+        reply = "".join(p["text"] for p in parts)
+        assert task.evaluate(conv, references[i]) == 1.0 and task.evaluate(conv, reply) == 1.0
     assert calls == 4282
 
 

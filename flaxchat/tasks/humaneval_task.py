@@ -4,7 +4,7 @@ The user message is the problem's prompt (signature + docstring); the reference 
 is the whole function, prompt then canonical body (as nanochat does), because a chat model answers
 with a complete function rather than a continuation. Grading extracts the program from the
 completion (the first ```python fenced block, else the whole text), puts the prompt's imports in
-front, runs the problem's tests via flaxchat.humaneval.run_humaneval in the sandbox and scores
+front, runs the problem's tests via flaxchat.sandbox.humaneval.run_humaneval in the sandbox and scores
 1.0 when they pass. Problems can also come from a local HumanEval.jsonl(.gz).
 """
 
@@ -73,7 +73,7 @@ class HumanEval(HFTask):
         }
 
     def evaluate(self, conversation: Conversation, completion: str) -> float:
-        from flaxchat.humaneval import run_humaneval
+        from flaxchat.sandbox.humaneval import run_humaneval
         if not isinstance(completion, str):
             raise TaskError(f"completion must be a string, got {type(completion).__name__}")
         problem = {"prompt": conversation["messages"][0]["content"], "test": conversation["test"],

@@ -12,7 +12,7 @@ a fake marker therefore cannot pass.
 
 from __future__ import annotations
 
-from flaxchat.sandbox import ExecutionResult, run_graded
+from flaxchat.sandbox.execute import ExecutionResult, run_graded
 
 
 def _leading_imports(prompt: str) -> str:

@@ -5,7 +5,7 @@ multi-threaded JAX process) is never forked for this: each run starts a fresh in
 (`python -I -S`, standard library only, no user site, no PYTHON* variables) through
 `subprocess.Popen` without a `preexec_fn`, in a new session, with stdin closed and a scrubbed
 environment, in a temporary working directory that is deleted afterwards. The child locks itself
-down before running the program (see flaxchat/sandbox_runner.py: rlimits, privilege drop, seccomp).
+down before running the program (see flaxchat/sandbox/runner.py: rlimits, privilege drop, seccomp).
 
 Two modes, chosen once per process by `sandbox_mode()` (override with FLAXCHAT_SANDBOX=auto|bwrap|
 rlimit, or per call with `run_code(..., mode=...)`):
@@ -73,8 +73,8 @@ import threading
 import time
 from pathlib import Path, PurePosixPath
 
-from flaxchat import sandbox_runner
-from flaxchat.sandbox_io import Capture, exited, pump
+from flaxchat.sandbox import runner as sandbox_runner
+from flaxchat.sandbox.capture import Capture, exited, pump
 
 log = logging.getLogger(__name__)
 

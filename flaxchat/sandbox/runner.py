@@ -1,6 +1,6 @@
 """Child-side bootstrap of the code sandbox: lock the process down, then run the untrusted program.
 
-The parent (flaxchat/sandbox.py) never imports this for execution: it passes this file's *source*
+The parent (flaxchat/sandbox/execute.py) never imports this for execution: it passes this file's *source*
 to a fresh interpreter (`python -I -S -c <source> <config-json>`), optionally inside bubblewrap.
 Running the lock-down here, in the child, instead of in a `preexec_fn` keeps the parent safe: a
 `preexec_fn` runs Python between fork() and exec() of a multi-threaded (JAX) process and can
@@ -18,7 +18,7 @@ Order of the lock-down (each step needs the privileges the next one removes):
 4. optionally (rlimit mode without any isolation) nanochat's accident guard that disables the
    destructive os/shutil functions: a speed bump against buggy code, not a security boundary.
 
-Graded runs (config "grading", see flaxchat/sandbox.py's docstring for the design): after steps 1-2
+Graded runs (config "grading", see flaxchat/sandbox/execute.py's docstring for the design): after steps 1-2
 the runner marks itself non-dumpable and forks. The child, the *candidate* process, closes every
 grading descriptor, locks itself down (step 3-4) and only then executes the untrusted program; it
 then answers calls of the entry point over a pipe, values encoded as plain data (`encode`). The
