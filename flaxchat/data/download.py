@@ -40,6 +40,7 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 _CHUNK = 1 << 20
 _RETRYABLE_STATUS = {408, 429}
 _MAX_BACKOFF_S = 60.0
+_DATA_HINT = "check data.source/data.num_shards (and FLAXCHAT_HF_ENDPOINT or HF_TOKEN if set)"
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ class _Retryable(Exception):
     pass
 
 
-def _fetch_once(session, url: str, tmp: str, timeout_s: float) -> None:
+def _fetch_once(session, url: str, tmp: str, timeout_s: float, validate: Callable[[str], bool] = None,
+                what: str = "a readable parquet file", hint: str = _DATA_HINT) -> None:
     import requests
     headers = {}
     if os.environ.get("HF_TOKEN"):
@@ -119,9 +121,7 @@ def _fetch_once(session, url: str, tmp: str, timeout_s: float) -> None:
             if resp.status_code >= 500 or resp.status_code in _RETRYABLE_STATUS:
                 raise _Retryable(f"HTTP {resp.status_code}")
             if resp.status_code >= 400:
-                raise DownloadError(
-                    f"download failed: HTTP {resp.status_code} for {url}; check data.source/data.num_shards "
-                    f"(and FLAXCHAT_HF_ENDPOINT or HF_TOKEN if set)")
+                raise DownloadError(f"download failed: HTTP {resp.status_code} for {url}; {hint}")
             expected = resp.headers.get("Content-Length")
             written = 0
             with open(tmp, "wb") as f:
@@ -133,14 +133,17 @@ def _fetch_once(session, url: str, tmp: str, timeout_s: float) -> None:
                 raise _Retryable(f"truncated body: {written} of {expected} bytes")
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
         raise _Retryable(f"{type(e).__name__}: {e}") from e
-    if not is_valid_parquet(tmp):
-        raise _Retryable("the body is not a readable parquet file")
+    if not (validate or is_valid_parquet)(tmp):
+        raise _Retryable(f"the body is not {what}")
 
 
 def download_file(url: str, dest: str, timeout_s: float = 60.0, retries: int = 5,
-                  backoff_s: float = 1.0, session=None) -> str:
+                  backoff_s: float = 1.0, session=None, *, validate: Callable[[str], bool] | None = None,
+                  what: str = "a readable parquet file", hint: str = _DATA_HINT) -> str:
     """Fetch `url` to `dest` atomically. `retries` = extra attempts after the first; the wait
-    before retry k is backoff_s * 2**k (capped at 60 s, with a little jitter)."""
+    before retry k is backoff_s * 2**k (capped at 60 s, with a little jitter). The body must pass
+    `validate` (default: a readable parquet file; `what` names it in errors, `hint` says what to
+    check after an HTTP 4xx)."""
     import requests
     session = session or requests.Session()
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -150,7 +153,7 @@ def download_file(url: str, dest: str, timeout_s: float = 60.0, retries: int = 5
     last = ""
     for attempt in range(attempts):
         try:
-            _fetch_once(session, url, tmp, timeout_s)
+            _fetch_once(session, url, tmp, timeout_s, validate, what, hint)
             os.replace(tmp, dest)
             return dest
         except _Retryable as e:

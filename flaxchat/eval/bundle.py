@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import shutil
-import time
 import uuid
 import zipfile
 from typing import Any
@@ -52,9 +51,6 @@ REQUIRED_KEYS = {
     "language_modeling": ("context", "continuation"),
 }
 SHUFFLE_SEED = 1337
-_CHUNK = 1 << 20
-_RETRYABLE_STATUS = {408, 429}
-_MAX_BACKOFF_S = 60.0
 
 
 class EvalError(ValueError):
@@ -209,57 +205,16 @@ def _extract(zip_path: str, dest: str) -> str:
     return dest
 
 
-class _Retryable(Exception):
-    pass
-
-
-def _fetch_once(session, url: str, tmp: str, timeout_s: float) -> None:
-    import requests
-    try:
-        with session.get(url, stream=True, timeout=(timeout_s, timeout_s)) as resp:
-            if resp.status_code >= 500 or resp.status_code in _RETRYABLE_STATUS:
-                raise _Retryable(f"HTTP {resp.status_code}")
-            if resp.status_code >= 400:
-                raise EvalError(f"could not download the eval bundle: HTTP {resp.status_code} for {url}")
-            expected = resp.headers.get("Content-Length")
-            written = 0
-            with open(tmp, "wb") as f:
-                for chunk in resp.iter_content(chunk_size=_CHUNK):
-                    f.write(chunk)
-                    written += len(chunk)
-            if expected is not None and resp.headers.get("Content-Encoding") in (None, "identity") \
-                    and written != int(expected):
-                raise _Retryable(f"truncated body: {written} of {expected} bytes")
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-        raise _Retryable(f"{type(e).__name__}: {e}") from e
-    if not zipfile.is_zipfile(tmp):
-        raise _Retryable("the body is not a zip archive")
-
-
 def fetch_url(url: str, dest: str, timeout_s: float = 60.0, retries: int = 5, backoff_s: float = 1.0) -> str:
-    """Download `url` to `dest` atomically (temp file + rename); `retries` extra attempts with
-    exponential backoff (backoff_s * 2**k, capped at 60 s, a little jitter)."""
-    import requests
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dest)),
-                       f".{os.path.basename(dest)}.part-{uuid.uuid4().hex[:12]}")
-    attempts = max(0, int(retries)) + 1
-    last = ""
-    with requests.Session() as session:
-        for attempt in range(attempts):
-            try:
-                _fetch_once(session, url, tmp, timeout_s)
-                os.replace(tmp, dest)
-                return dest
-            except _Retryable as e:
-                last = str(e)
-                log.warning("attempt %d/%d for %s failed: %s", attempt + 1, attempts, url, last)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            if attempt + 1 < attempts:
-                time.sleep(min(_MAX_BACKOFF_S, backoff_s * 2 ** attempt) * (1 + 0.1 * random.random()))
-    raise EvalError(f"could not download the eval bundle {url} after {attempts} attempts (last error: {last})")
+    """Download `url` to `dest` atomically (temp file + rename) with the data downloader's retries,
+    timeouts and backoff; the body must be a zip archive."""
+    from flaxchat.data import DownloadError
+    from flaxchat.data.download import download_file
+    try:
+        return download_file(url, dest, timeout_s, retries, backoff_s, validate=zipfile.is_zipfile,
+                             what="a zip archive", hint="check eval.core_bundle")
+    except DownloadError as exc:
+        raise EvalError(f"could not download the eval bundle: {exc}") from exc
 
 
 def resolve_bundle_dir(source: str | os.PathLike, cache_dir: str = DEFAULT_CACHE_DIR, *,
