@@ -82,8 +82,8 @@ def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: s
         for sink in extra_sinks:
             sink("eval_row", {"row": row, "metrics": results[row]})
     from flaxchat.sandbox import sandbox_isolation
-    upstream = {STAGE_OF_ROW[r]: m for r, m in present.items()}
-    upstream.update({k: v for k, v in inputs.items() if k == "tokenizer" and v})
+    upstream = {"tokenizer": inputs["tokenizer"]} if inputs.get("tokenizer") else {}
+    upstream.update({STAGE_OF_ROW[r]: m for r, m in present.items()})     # in pipeline order
     report = build_report(upstream, results, depth=model_config.depth, params=param_counts(model_config),
                           git_revision=git_revision, hourly_price_usd=config.eval.hourly_price_usd,
                           extra={"details": details, "isolation": sandbox_isolation()})

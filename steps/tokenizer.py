@@ -39,7 +39,8 @@ def _heldout_texts(shards: list[str], max_chars: int) -> list[str]:
 
 def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: str) -> dict[str, Any]:
     tcfg = config.tokenizer
-    shards = resolve_shards(config.data, config.seed)
+    stage_started = time.time()
+    shards = resolve_shards(config.data, config.seed)   # may generate or download the corpus
 
     started = time.perf_counter()
     train_chars = 0
@@ -69,6 +70,7 @@ def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: s
         "train_chars": train_chars,
         "train_seconds": train_seconds,
         "train_mb_per_s": train_chars / 1e6 / max(train_seconds, 1e-9),
+        "wall_seconds": time.time() - stage_started,
     }
     manifest = build_manifest(
         STAGE, output_uri, metrics, config.to_dict(), files,

@@ -46,3 +46,13 @@ def test_grpo_bench_quick(tmp_path):
     assert "policy: trained " in out and "no _steer" in out     # trained in the workdir, tools sampled
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("2x2 ")]
     assert len(rows) == 1 and "|" in rows[0]
+
+
+def test_core_eval_bench_quick():
+    out = run_bench("core_eval_bench.py", "--quick")
+    assert "ex/s" in out and "rows/s" in out
+
+
+def test_chat_eval_bench_quick():
+    out = run_bench("chat_eval_bench.py", "--quick")
+    assert "categorical" in out and "generative" in out

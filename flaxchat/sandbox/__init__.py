@@ -6,6 +6,7 @@
 - runner.py    the program the child interpreter runs first: limits, privilege drop, seccomp, and
                for graded runs the split into a candidate process and a tests process
 - capture.py   bounded pipe capture and waiting without reaping
+- grading.py   the parent's side of a graded run: the secret channel and the unforgeable verdict
 - humaneval.py HumanEval problems graded from outside the program (run_humaneval)
 """
 

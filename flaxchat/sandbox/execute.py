@@ -74,6 +74,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 from flaxchat.sandbox import runner as sandbox_runner
+from flaxchat.sandbox.grading import GradingChannel
 from flaxchat.sandbox.capture import Capture, exited, pump
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,7 @@ _EXTRA_PROCESSES = 16  # RLIMIT_NPROC headroom; threads count against it too
 _UID_BASE, _UID_SPAN = 1_500_000_000, 100_000_000  # per-run uids, far from any real account
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _SYSTEM_FILES = ("/etc/ld.so.cache",)
-_DRAIN_GRACE_S = 1.0
-_MESSAGE_BYTES = 16 * 1024 * 1024  # largest argument list or result passed in a graded run  # after a kill, how long to wait for the pipes to report end of file
+_DRAIN_GRACE_S = 1.0  # after a kill, how long to wait for the pipes to report end of file
 
 
 class SandboxError(RuntimeError):
@@ -345,7 +345,7 @@ def _execute(code: str, timeout_s: float, memory_mb: int | None, max_output_byte
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                "HOME": work_dir, "TMPDIR": work_dir, "OMP_NUM_THREADS": "1"}
         isolation = "bwrap" if mode == "bwrap" else ("rlimit-uid" if private_uid is not None else "rlimit")
-        channel = _GradingChannel(grading) if grading is not None else None
+        channel = GradingChannel(grading) if grading is not None else None
         try:
             if channel is not None:
                 config["grading"] = channel.config
@@ -361,45 +361,9 @@ def _execute(code: str, timeout_s: float, memory_mb: int | None, max_output_byte
         _remove_tree(base_dir)
 
 
-class _GradingChannel:
-    """The parent's side of a graded run: the secret memfd (tests, setup, token) and the verdict pipe."""
-
-    def __init__(self, grading: dict):
-        self.token = secrets.token_hex(16)
-        secret = {**grading, "token": self.token}
-        self.secret_fd = os.memfd_create("flaxchat-grading", os.MFD_CLOEXEC)
-        data = json.dumps(secret).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.secret_fd, view):]
-        self.verdict_r, self.verdict_w = os.pipe()
-        self.config = {"secret_fd": self.secret_fd, "verdict_fd": self.verdict_w,
-                       "entry_point": grading["entry_point"], "max_message_bytes": _MESSAGE_BYTES}
-        self.verdict = Capture(256, keep_tail=False)
-        self.reader = os.fdopen(self.verdict_r, "rb", buffering=0)
-
-    @property
-    def pass_fds(self) -> tuple[int, int]:
-        return self.secret_fd, self.verdict_w
-
-    def close_child_ends(self) -> None:
-        for name in ("secret_fd", "verdict_w"):
-            fd = getattr(self, name)
-            if fd is not None:
-                os.close(fd)
-                setattr(self, name, None)
-
-    def passed(self) -> bool:
-        return not self.verdict.truncated and self.verdict.text() == self.token + "\n"
-
-    def close(self) -> None:
-        self.close_child_ends()
-        self.reader.close()
-
-
 def _supervise(argv: list[str], env: dict[str, str], work_dir: str, timeout_s: float,
                memory_mb: int | None, max_output_bytes: int, mode: str, private_uid: int | None,
-               isolation: str, channel: _GradingChannel | None = None) -> ExecutionResult:
+               isolation: str, channel: GradingChannel | None = None) -> ExecutionResult:
     stdout, stderr = Capture(max_output_bytes, keep_tail=False), Capture(max_output_bytes, keep_tail=True)
     deadline = time.monotonic() + timeout_s
     try:
