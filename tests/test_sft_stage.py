@@ -203,7 +203,8 @@ def test_sft_stage_end_to_end(pretrained, sft_run):
     assert m["val_loss_initial"] > m["val_loss"], (m["val_loss_initial"], m["val_loss"])
     assert m["val_bpb_initial"] > m["val_bpb"]
     assert m["greedy_accuracy_initial"] is not None and 0.0 <= m["greedy_accuracy"] <= 1.0
-    assert m["train_conversations"] == 20 + 2 * 20 and m["val_conversations"] == 2 * 8
+    # chats + word problems x2 + multiple choice; validation: chats + word problems
+    assert m["train_conversations"] == 20 + 2 * 20 + 20 and m["val_conversations"] == 2 * 8
     assert m["grad_accum_steps"] == 1 and m["total_batch_tokens"] == 256
     # shape from the upstream manifest, not from this run's depth=2
     assert manifest["config"]["model"] == pt["config"]["model"]
