@@ -199,6 +199,23 @@ class EvalConfig:
     cache_dir: str = "~/.cache/flaxchat/eval"
 
 
+EXPORT_FORMATS = ("hf", "nanochat", "onnx", "litert")
+
+
+@dataclass
+class ExportConfig:
+    """The export stage (steps/export.py): which formats, from which trained stage's model."""
+    formats: str = ",".join(EXPORT_FORMATS)   # comma-separated subset of EXPORT_FORMATS
+    source: str = "auto"               # auto = the last trained stage present (grpo, sft, pretrain), or one of them
+    onnx_decoder: bool = True          # also export a one-token decode step with an explicit KV cache
+    litert_seq_len: int = 0            # the LiteRT model's fixed window; 0 = min(model.sequence_len, 256)
+    parity_new_tokens: int = 32        # greedy tokens each runtime must reproduce at export time
+    parity_rtol: float = 1e-4          # max relative logits error allowed against the JAX model (fp32)
+
+    def format_list(self) -> list[str]:
+        return [f.strip() for f in self.formats.split(",") if f.strip()]
+
+
 @dataclass
 class PipelineConfig:
     preset: str = "demo"
@@ -214,6 +231,7 @@ class PipelineConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     grpo: TrainConfig = field(default_factory=grpo_defaults)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -336,6 +354,12 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
         cfg.tasks.source = "demo" if cfg.data.source == "demo" else "nanochat"
     if cfg.tasks.source not in ("demo", "nanochat"):
         raise ConfigError(f"tasks.source={cfg.tasks.source!r} must be 'demo', 'nanochat' or 'auto'")
+    unknown = [f for f in cfg.export.format_list() if f not in EXPORT_FORMATS]
+    if unknown or not cfg.export.format_list():
+        raise ConfigError(f"export.formats={cfg.export.formats!r}: {'unknown format ' + repr(unknown[0]) if unknown else 'empty'}; "
+                          f"choose a comma-separated subset of {', '.join(EXPORT_FORMATS)}")
+    if cfg.export.source not in ("auto", "pretrain", "sft", "grpo"):
+        raise ConfigError(f"export.source={cfg.export.source!r} must be auto, pretrain, sft or grpo")
     rl = cfg.rl
     if rl.prompts_per_step < 1 or rl.samples_per_prompt < 1 or rl.updates_per_batch < 1:
         raise ConfigError("rl.prompts_per_step, rl.samples_per_prompt and rl.updates_per_batch must be >= 1")

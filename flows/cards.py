@@ -181,3 +181,30 @@ def eval_card(manifest: dict[str, Any]) -> list:
                 Table([[label, _fmt(r.get("accuracy")), _fmt(r.get("centered"))] for label, r in core.items()],
                       headers=["task", "accuracy", "centered"])]
     return out
+
+
+def export_card(manifest: dict[str, Any]) -> list:
+    """One row per format: written or skipped, its parity figures against the JAX model, its files."""
+    src = manifest["source"]
+    rows = []
+    for name, f in manifest["formats"].items():
+        parity = f.get("parity", {})
+        if f["status"] != "written":
+            check = f["reason"]
+        elif "skipped" in parity:
+            check = f"written; not checked: {parity['skipped']}"
+        elif "round_trip_identical" in parity:
+            check = f"round trip identical: {parity['round_trip_identical']}"
+        else:
+            check = (f"max rel. logits error {parity['max_rel_err']:.2e}; greedy {parity['greedy_tokens']} tokens "
+                     f"{'identical' if parity['greedy_match'] else 'differ'}")
+        files = sorted(p for p in manifest["files"] if p.startswith(f"{name}/"))
+        rows.append([name, f["status"], check, f"{len(files)} files"])
+    builtin = manifest["formats"].get("hf", {}).get("builtin_nanochat")
+    out = [Markdown(f"# Export — {src['stage']} step {src['step']}"),
+           Markdown(f"From `{src['uri']}` to `{manifest['uri']}`; each file's sha256 is in the manifest."),
+           Table(rows, headers=["format", "status", "checked against JAX", "files"])]
+    if builtin is not None and not builtin["loadable"]:
+        out.append(Markdown("transformers' built-in `NanoChatForCausalLM` cannot run this model (so no config for "
+                            "it is written; load with `trust_remote_code=True`): " + "; ".join(builtin["why_not"])))
+    return out

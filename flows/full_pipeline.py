@@ -1,4 +1,4 @@
-"""FullPipelineFlow: tokenizer -> pretrain -> sft -> grpo -> eval, as Metaflow steps.
+"""FullPipelineFlow: tokenizer -> pretrain -> sft -> grpo -> eval -> export, as Metaflow steps.
 
 Each stage step calls one `steps.<stage>.run(config, inputs, output_uri)` and stores the
 returned manifest as an artifact named after the stage. Big files live under the
@@ -59,7 +59,7 @@ class FullPipelineFlow(FlowSpec):
 
     overrides = Config("config", default_value={}, parser=yaml.safe_load,
                        help="YAML file of config overrides (sections: model, tokenizer, data, mesh, pretrain, "
-                            "tasks, sft, rl, grpo, eval)")
+                            "tasks, sft, rl, grpo, eval, export)")
     preset = Parameter("preset", default="demo", help="demo | tinystories | climbmix | speedrun")
     depth = Parameter("depth", type=int, default=0, help="model depth (0 = the preset's)")
     artifact_root = Parameter("artifact-root", default="./artifacts",
@@ -166,6 +166,19 @@ class FullPipelineFlow(FlowSpec):
             self.eval = eval_stage.run(self._config(), inputs, self._stage_uri("eval"), git_revision=self.git_revision)
         for component in eval_card(self.eval):
             current.card["eval"].append(component)
+        self.next(self.export)
+
+    @card(type="blank", id="export")
+    @step
+    def export(self):
+        """The final model as Hugging Face, nanochat, ONNX and LiteRT files, each checked against JAX."""
+        from steps import export as export_stage
+        from flows.cards import export_card
+        inputs = {name: self.manifest(name) for name in ("pretrain", "sft", "grpo")}
+        with clear_errors():
+            self.export = export_stage.run(self._config(), inputs, self._stage_uri("export"))
+        for component in export_card(self.export):
+            current.card["export"].append(component)
         self.next(self.end)
 
     @step
@@ -184,6 +197,8 @@ class FullPipelineFlow(FlowSpec):
         print(f"grpo: held-out pass@1 {_fmt(m['pass@1_initial'])} -> {m['pass@1']:.3f} in {m['steps']} steps")
         ev = self.manifest("eval")
         print(f"eval: " + ", ".join(f"{k} {v:.4f}" for k, v in ev["metrics"].items()) + f" -> {ev['uri']}/report.md")
+        ex = self.manifest("export")
+        print("export: " + ", ".join(f"{name} {f['status']}" for name, f in ex["formats"].items()) + f" -> {ex['uri']}")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,20 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     ecard = card_text(get_cards(run["eval"].task, id="eval")[0].get())
     assert "Report card" in ecard and "CORE tasks" in ecard and "demo_calc" in ecard and "DemoMath" in ecard
 
+    # the export manifest, read back through the client API: the RL model, every format accounted for
+    ex = run["export"].task.data.export
+    assert ex["stage"] == "export" and ex["source"]["uri"] == rl["uri"] and ex["source"]["step"] == 4
+    assert set(ex["formats"]) == {"hf", "nanochat", "onnx", "litert"}
+    assert ex["formats"]["nanochat"]["parity"]["round_trip_identical"] is True
+    assert ex["formats"]["hf"]["status"] == "written" and not ex["formats"]["hf"]["builtin_nanochat"]["loadable"]
+    for name in ("onnx", "hf", "litert"):        # checked where the runtime is installed, else one-line reasons
+        f = ex["formats"][name]
+        assert f["status"] == "skipped" or "skipped" in f["parity"] or f["parity"]["passed"], (name, f)
+    assert any(p.startswith("nanochat/chatrl_checkpoints/d2/model_") for p in ex["files"])
+    verify_files(ex)
+    xcard = card_text(get_cards(run["export"].task, id="export")[0].get())
+    assert "Export" in xcard and "round trip identical" in xcard
+
 
 def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
     """The data dir is empty on the first run (the tokenizer step fails); after we fill it,
