@@ -75,7 +75,8 @@ def completion_prompt(model: ExportModel) -> list[int]:
     """The prompt whose greedy continuation every runtime must reproduce."""
     if model.stage == "pretrain":
         return model.tokenizer.encode("Once upon a time, there was", prepend="<|bos|>")
-    return model.tokenizer.render_for_completion({"messages": [{"role": "user", "content": "What is 12 + 30?"}]})
+    return model.tokenizer.render_for_completion({"messages": [{"role": "user", "content": "What is 12 + 30?"},
+                                                               {"role": "assistant", "content": ""}]})
 
 
 def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: str, **_: Any) -> dict[str, Any]:
