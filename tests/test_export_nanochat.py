@@ -186,3 +186,11 @@ def test_a_failing_format_publishes_nothing(imported, tmp_path, monkeypatch):
 def test_unknown_format_names_the_valid_ones():
     with pytest.raises(ConfigError, match="unknown format 'gguf'.*hf, nanochat, onnx, litert"):
         build_config("demo", dotted=["export.formats=hf,gguf"])
+
+
+def test_chat_loader_takes_a_relative_path(imported, monkeypatch):
+    """`--model artifacts/<run>/sft` as a user types it (orbax itself refuses relative paths)."""
+    from flaxchat.chat.loading import load_chat_model
+    params, manifest, _ = imported
+    monkeypatch.chdir(os.path.dirname(manifest["uri"]))
+    assert _equal(load_chat_model(os.path.basename(manifest["uri"])).model.param_tree(), params)

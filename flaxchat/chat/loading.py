@@ -46,8 +46,9 @@ def _stage_dir(source: str) -> str:
     """The directory holding the manifest (source may be that directory or the manifest.json)."""
     source = str(source).rstrip("/")
     if source.endswith(".json"):
-        return source.rsplit("/", 1)[0] if "/" in source else "."
-    return source
+        source = source.rsplit("/", 1)[0] if "/" in source else "."
+    # orbax refuses relative checkpoint paths: `--model artifacts/<run>/sft` must work as typed
+    return source if storage.is_gcs(source) else os.path.abspath(source)
 
 
 def _relocated(manifest_uri: str, stage_dir: str, path: str) -> str:
