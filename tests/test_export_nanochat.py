@@ -194,3 +194,34 @@ def test_chat_loader_takes_a_relative_path(imported, monkeypatch):
     params, manifest, _ = imported
     monkeypatch.chdir(os.path.dirname(manifest["uri"]))
     assert _equal(load_chat_model(os.path.basename(manifest["uri"])).model.param_tree(), params)
+
+
+def _broken_copy(manifest: dict, dest, edit) -> dict:
+    """A copy of a stage output with one thing wrong (its manifest rewritten to point at the copy)."""
+    import shutil
+    shutil.copytree(manifest["uri"], dest)
+    m = json.loads((dest / "manifest.json").read_text().replace(manifest["uri"], str(dest)))
+    edit(m, dest)
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def test_export_refuses_a_checkpoint_that_disagrees_with_its_config(imported, tmp_path):
+    from flaxchat.chat.loading import LoadError
+    from steps import export
+    _, manifest, _ = imported
+    bad = _broken_copy(manifest, tmp_path / "deeper", lambda m, _: m["config"]["model"].update(depth=4))
+    with pytest.raises(LoadError, match="cannot restore the model"):
+        export.run(build_config("demo", dotted=["export.formats=nanochat"]), {"pretrain": bad}, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_names_a_missing_tokenizer(imported, tmp_path):
+    import shutil
+    from flaxchat.chat.loading import LoadError
+    from steps import export
+    _, manifest, _ = imported
+    bad = _broken_copy(manifest, tmp_path / "notok", lambda m, d: shutil.rmtree(d / "tokenizer"))
+    with pytest.raises((LoadError, ValueError), match="tokenizer"):
+        export.run(build_config("demo", dotted=["export.formats=nanochat"]), {"pretrain": bad}, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
