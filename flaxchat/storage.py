@@ -1,187 +1,179 @@
-"""One small file API over local paths and `gs://bucket/prefix` URIs.
+"""One small file API over local paths and remote URIs (`gs://`, `s3://`, `memory://`, ...).
 
 Every stage hands its outputs (tokenizer, checkpoints, manifests, data shards) to the next
 through a URI, so the pipeline runs unchanged on a laptop and on a cluster with a bucket.
-The rules that keep readers safe:
+Transport is fsspec (gcsfs for gs:// with google default credentials, s3fs for s3://, the
+in-memory filesystem in tests); `filesystem(uri)` hands out its cached filesystem objects, so
+pyarrow reads parquet through the same connection (`pq.ParquetFile(path, filesystem=fs)`).
+What this module adds are the rules that keep readers safe:
 
-* `write_bytes` is atomic: locally a temp file in the same directory then `os.replace`
-  (same filesystem, so the rename is atomic); on GCS a single-object upload is atomic.
-* `publish_dir` makes a whole finished directory appear at once: locally a sibling temp
-  directory renamed into place; on GCS (which has no directory rename) every file is
-  uploaded and the manifest (`last=`) goes up last, so a reader that trusts only a
-  directory with a manifest never sees a half-written one.
+* `write_bytes` is atomic: locally a temp file beside the target, fsync, `os.replace`;
+  remotely one object upload, which object stores expose only once complete.
+* `publish_dir` makes a finished directory appear at once: locally a sibling temp directory
+  renamed into place; remotely (no directory rename) every file goes up before the `last=`
+  files (the manifest), and an overwrite deletes the old manifest before touching anything,
+  so a reader that trusts only a directory with its manifest never sees a half-written one.
+* Failures are one-line `StorageError`s naming the URI (`NotFound` and `Denied` are also
+  FileNotFoundError and PermissionError, which callers catch).
 
-GCS goes through google-cloud-storage (the optional `gcs` extra), imported lazily so local
-runs never need it. With STORAGE_EMULATOR_HOST set the client talks to that emulator with
-anonymous credentials and project "test".
+With STORAGE_EMULATOR_HOST set, gs:// goes to that emulator anonymously (project "test").
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
-import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any, Iterable, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
-GCS_PREFIX = "gs://"
+import fsspec
+from fsspec.core import split_protocol, url_to_fs
+
 _CHUNK = 1 << 20
 
 
-class StorageError(RuntimeError):
-    """A storage operation that cannot proceed; the message says why and what to do."""
+class StorageError(OSError):
+    """A storage operation that cannot proceed; the message names the URI and says why."""
+
+
+class NotFound(StorageError, FileNotFoundError):
+    """The file, object or directory does not exist."""
+
+
+class Denied(StorageError, PermissionError):
+    """The credentials may not do this (HTTP 403 or a local permission error)."""
 
 
 # --------------------------------------------------------------------------- URIs
 
-def is_gcs(uri: str | os.PathLike) -> bool:
-    return str(uri).startswith(GCS_PREFIX)
+def is_remote(uri: str | os.PathLike) -> bool:
+    """True for `proto://...` URIs other than file://; plain paths are local."""
+    return split_protocol(os.fspath(uri))[0] not in (None, "file", "local")
 
 
-def _split_gcs(uri: str) -> tuple[str, str]:
-    """'gs://bucket/a/b/' -> ('bucket', 'a/b'); the key never has leading/trailing slashes."""
-    rest = str(uri)[len(GCS_PREFIX):]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise StorageError(f"bad GCS URI {uri!r}: expected gs://bucket/path")
-    return bucket, key.strip("/")
+is_gcs = is_remote  # the old name: callers use it to mean "not a local path"
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:
-    uri = str(uri)
-    if not is_gcs(uri):
+    uri = os.fspath(uri)
+    if not is_remote(uri):
         return os.path.join(uri, *parts)
-    pieces = [uri.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
-    return "/".join(pieces)
+    return "/".join([uri.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")])
 
 
 def basename(uri: str | os.PathLike) -> str:
-    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+    return os.fspath(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
-# --------------------------------------------------------------------------- GCS client
-
-_clients: dict[str | None, Any] = {}
-_clients_lock = threading.Lock()
-
-
-def _storage_module() -> Any:
-    import importlib
+def _gcs_filesystem() -> Any:
     try:
-        storage = importlib.import_module("google.cloud.storage")  # lazy: only gs:// users need it
+        import gcsfs
     except ImportError as e:
-        raise StorageError(
-            "gs:// URIs need google-cloud-storage, which is not installed: "
-            "pip install 'flaxchat[gcs]'") from e
-    return storage
+        raise StorageError("gs:// URIs need gcsfs, which is not installed: pip install 'flaxchat[gcs]'") from e
+    # No listings cache: other processes (orbax, other hosts) write the same prefixes, and a
+    # stale listing would hide a just-published manifest.
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        # The plain HTTP client, not gcsfs' default ExtendedGcsFileSystem, which probes each bucket
+        # over the gRPC storage-control API that emulators lack (a 60 s stall). endpoint_url is part
+        # of fsspec's instance-cache key, so an emulator on a new port never gets a stale instance.
+        return gcsfs.core.GCSFileSystem(endpoint_url=emulator if "://" in emulator else f"http://{emulator}",
+                                        token="anon", project="test", use_listings_cache=False)
+    return fsspec.filesystem("gs", use_listings_cache=False)  # token=None: google default credentials
 
 
-def gcs_client() -> Any:
-    """A cached client; a different STORAGE_EMULATOR_HOST (tests) gets its own client."""
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
-    with _clients_lock:
-        if emulator not in _clients:
-            storage = _storage_module()
-            if emulator:
-                from google.auth.credentials import AnonymousCredentials
-                endpoint = emulator if "://" in emulator else f"http://{emulator}"
-                _clients[emulator] = storage.Client(
-                    project="test", credentials=AnonymousCredentials(),
-                    client_options={"api_endpoint": endpoint})
-            else:
-                _clients[emulator] = storage.Client()
-        return _clients[emulator]
+def _resolve(uri: str) -> tuple[Any, str]:
+    protocol = split_protocol(uri)[0]
+    if protocol in ("gs", "gcs"):
+        fs = _gcs_filesystem()
+        return fs, fs._strip_protocol(uri)
+    if protocol in ("s3", "s3a"):  # s3fs caches listings as gcsfs does
+        return url_to_fs(uri, use_listings_cache=False)
+    return url_to_fs(uri)
 
 
-def _bucket(uri: str) -> tuple[Any, str]:
-    name, key = _split_gcs(uri)
-    return gcs_client().bucket(name), key
+@contextlib.contextmanager
+def _on(uri: str | os.PathLike, action: str) -> Iterator[tuple[Any, str]]:
+    """(fs, path) for `uri`; whatever the backend raises inside (a FileNotFoundError with a bare
+    key, gcsfs' multi-line HTTP errors, ImportError for a missing backend) becomes one line
+    naming the URI."""
+    uri = os.fspath(uri)
+    try:
+        yield _resolve(uri)
+    except StorageError:
+        raise
+    except Exception as e:
+        detail = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, FileNotFoundError):
+            raise NotFound(f"cannot {action} {uri}: no such file or directory") from e
+        if isinstance(e, PermissionError) or detail.startswith("Forbidden"):  # gcsfs: 403 -> OSError
+            raise Denied(f"cannot {action} {uri}: permission denied ({detail})") from e
+        name = "" if isinstance(e, ImportError) else f"{type(e).__name__}: "
+        raise StorageError(f"cannot {action} {uri}: {name}{detail}") from e
 
 
-def _not_found(exc: BaseException) -> bool:
-    return type(exc).__name__ == "NotFound"
-
-
-def _iter_blobs(uri: str) -> Iterable[Any]:
-    """Every object strictly under the prefix `uri/` (recursive)."""
-    bucket, key = _bucket(uri)
-    prefix = f"{key}/" if key else ""
-    return bucket.client.list_blobs(bucket, prefix=prefix)
+def filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for a local path or URI. fsspec caches the instances,
+    so every caller, pyarrow included (`pq.ParquetFile(path, filesystem=fs)`), shares one."""
+    with _on(uri, "open a filesystem for") as fs_path:
+        return fs_path
 
 
 # --------------------------------------------------------------------------- files
 
 def exists(uri: str | os.PathLike) -> bool:
-    uri = str(uri)
-    if not is_gcs(uri):
-        return os.path.exists(uri)
-    bucket, key = _bucket(uri)
-    if not key:
-        return bucket.exists()
-    return bucket.blob(key).exists() or isdir(uri)
+    with _on(uri, "check") as (fs, path):
+        return fs.exists(path)
 
 
 def isdir(uri: str | os.PathLike) -> bool:
-    uri = str(uri)
-    if not is_gcs(uri):
-        return os.path.isdir(uri)
-    bucket, key = _bucket(uri)
-    if not key:
-        return bucket.exists()
-    # GCS has no directories: a "directory" is a prefix with at least one object under it.
-    return any(True for _ in bucket.client.list_blobs(bucket, prefix=f"{key}/", max_results=1))
+    """On object stores a "directory" is a prefix with at least one object under it."""
+    with _on(uri, "check") as (fs, path):
+        return fs.isdir(path)
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
-    uri = str(uri)
-    if not is_gcs(uri):
-        with open(uri, "rb") as f:
-            return f.read()
-    bucket, key = _bucket(uri)
-    try:
-        return bucket.blob(key).download_as_bytes()
-    except Exception as e:
-        if _not_found(e):
-            raise FileNotFoundError(f"no such object: {uri}") from e
-        raise
+    with _on(uri, "read") as (fs, path):
+        return fs.cat_file(path)
 
 
 def read_text(uri: str | os.PathLike, encoding: str = "utf-8") -> str:
     return read_bytes(uri).decode(encoding)
 
 
-def _atomic_local_write(path: str, write: Any) -> None:
-    """Run write(fileobj) on a temp file beside `path`, then rename it over `path`.
+def _atomic_local_write(path: str, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync it, then rename it over `path`.
     On any failure the temp file is removed and the old `path` is untouched."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
+def _is_bucket(fs: Any, path: str) -> bool:
+    """A bucket itself (object stores have root_marker ''; memory:// and local have '/')."""
+    return not fs.root_marker and "/" not in path.strip("/")
+
+
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
-    uri = str(uri)
-    if not is_gcs(uri):
-        _atomic_local_write(uri, lambda f: f.write(data))
-        return
-    bucket, key = _bucket(uri)
-    if not key:
-        raise StorageError(f"cannot write to a bucket root: {uri!r}; name an object path")
-    bucket.blob(key).upload_from_string(data)
+    with _on(uri, "write") as (fs, path):
+        if not is_remote(uri):
+            return _atomic_local_write(path, data)
+        if _is_bucket(fs, path):
+            raise StorageError(f"cannot write to a bucket root: {os.fspath(uri)}; name an object path")
+        fs.pipe_file(path, data)
 
 
 def write_text(uri: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
@@ -189,64 +181,44 @@ def write_text(uri: str | os.PathLike, text: str, encoding: str = "utf-8") -> No
 
 
 def open_read(uri: str | os.PathLike) -> IO[bytes]:
-    """A seekable binary reader (pyarrow can read parquet row groups from it without
-    downloading the whole object first)."""
-    uri = str(uri)
-    if not is_gcs(uri):
-        return open(uri, "rb")
-    bucket, key = _bucket(uri)
-    blob = bucket.blob(key)
-    try:
-        blob.reload()  # fail now with FileNotFoundError rather than on the first read
-    except Exception as e:
-        if _not_found(e):
-            raise FileNotFoundError(f"no such object: {uri}") from e
-        raise
-    return blob.open("rb", chunk_size=8 * _CHUNK)
+    """A seekable binary reader; remote reads fetch blocks on demand, not the whole object."""
+    with _on(uri, "open") as (fs, path):
+        return fs.open(path, "rb")
 
 
 def listdir(uri: str | os.PathLike) -> list[str]:
-    """Sorted names of the direct children (files and sub-directories)."""
-    uri = str(uri)
-    if not is_gcs(uri):
-        return sorted(os.listdir(uri))
-    bucket, key = _bucket(uri)
-    prefix = f"{key}/" if key else ""
-    it = bucket.client.list_blobs(bucket, prefix=prefix, delimiter="/")
-    names = {b.name[len(prefix):] for b in it if b.name != prefix}
-    names |= {p[len(prefix):].rstrip("/") for p in it.prefixes}  # filled once pages are consumed
-    names.discard("")
-    # an empty listing means "no such directory", except for an existing (empty) bucket root
-    if not names and (key or not bucket.exists()):
-        raise FileNotFoundError(f"no such directory: {uri}")
-    return sorted(names)
+    """Sorted names of the direct children (files and sub-directories / prefixes)."""
+    with _on(uri, "list") as (fs, path):
+        entries, here = fs.ls(path, detail=True), path.rstrip("/")
+        if [(e["name"].rstrip("/"), e["type"]) for e in entries] == [(here, "file")]:
+            raise NotADirectoryError(path)  # fsspec lists a file as itself
+    # skip the directory's own "dir/" marker object, which gcsfs may list
+    return sorted({e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["name"].rstrip("/") != here})
+
+
+def find(uri: str | os.PathLike) -> list[str]:
+    """Sorted '/'-separated paths, relative to `uri`, of every file under it ([] if none)."""
+    with _on(uri, "list") as (fs, path):
+        root = path.rstrip("/") + "/"
+        # object stores may hold "dir/" marker objects: they are not files
+        return sorted(p[len(root):] for p in fs.find(path) if p.startswith(root) and not p.endswith("/"))
 
 
 def remove_tree(uri: str | os.PathLike) -> None:
-    """Delete a directory (or prefix) and everything under it; missing is not an error."""
-    uri = str(uri)
-    if not is_gcs(uri):
-        if os.path.isdir(uri) and not os.path.islink(uri):
-            shutil.rmtree(uri)
-        elif os.path.lexists(uri):
-            os.unlink(uri)
-        return
-    bucket, key = _bucket(uri)
-    if not key:
-        raise StorageError(f"refusing to delete a whole bucket: {uri!r}")
-    for blob in list(_iter_blobs(uri)):
-        blob.delete()
-    marker = bucket.blob(key)
-    if marker.exists():
-        marker.delete()
+    """Delete a directory (or prefix, or file) and everything under it; missing is not an error."""
+    with _on(uri, "delete") as (fs, path):
+        if _is_bucket(fs, path):
+            raise StorageError(f"refusing to delete a whole bucket: {os.fspath(uri)}")
+        if not is_remote(uri) and os.path.islink(path):
+            return os.unlink(path)  # the link, not the tree it points to (fsspec would rmtree it)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=True)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(uri: str | os.PathLike) -> str:
+    """Streamed, so a multi-GB checkpoint file never sits in memory."""
     h = hashlib.sha256()
-    if is_gcs(path):
-        h.update(read_bytes(path))
-        return h.hexdigest()
-    with open(path, "rb") as f:
+    with _on(uri, "read") as (fs, path), fs.open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -254,125 +226,89 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 # --------------------------------------------------------------------------- directories
 
-def _local_files(local_dir: str) -> list[str]:
-    """Relative paths (with '/') of every file under local_dir, sorted."""
-    out = []
-    for root, _, files in os.walk(local_dir):
-        for name in files:
-            rel = os.path.relpath(os.path.join(root, name), local_dir)
-            out.append(rel.replace(os.sep, "/"))
-    return sorted(out)
-
-
-def _sibling_temp(path: str, tag: str) -> str:
-    path = os.path.abspath(path.rstrip("/"))
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{tag}-{uuid.uuid4().hex[:12]}")
-
-
-def _swap_in_local(tmp: str, dest: str) -> None:
-    """Rename a complete directory `tmp` to `dest`, replacing an existing `dest`."""
-    old = None
-    if os.path.lexists(dest):
-        old = _sibling_temp(dest, "old")
-        os.rename(dest, old)
+def _into_place(dest: str, fill: Callable[[str], None]) -> None:
+    """fill() a sibling temp directory, then rename it to `dest` (replacing an existing one, which
+    is put back if the rename fails): `dest` is only ever absent, the old one, or complete."""
+    dest = os.path.abspath(dest)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    sibling = lambda tag: os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{tag}-{uuid.uuid4().hex[:12]}")
+    tmp, old = sibling("tmp"), None
     try:
-        os.rename(tmp, dest)
-    except BaseException:
+        fill(tmp)
+        if os.path.lexists(dest):
+            old = sibling("old")
+            os.rename(dest, old)
+        try:
+            os.rename(tmp, dest)
+        except BaseException:
+            if old is not None:
+                os.rename(old, dest)
+                old = None
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
-            os.rename(old, dest)  # put the previous version back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _put(fs: Any, local_dir: str, root: str, rels: Sequence[str]) -> None:
+    """Upload files (relative paths) of local_dir under root; async backends upload them concurrently."""
+    if rels:
+        fs.put([os.path.join(local_dir, *r.split("/")) for r in rels], [f"{root}/{r}" for r in rels])
 
 
 def publish_dir(local_dir: str | os.PathLike, uri: str | os.PathLike, overwrite: bool = False,
-                last: Sequence[str] = ("manifest.json",), workers: int = 8) -> str:
+                last: Sequence[str] = ("manifest.json",)) -> str:
     """Copy a finished local directory to `uri` so no reader ever sees it half-written.
 
-    `last` names files (relative paths) uploaded after all the others on GCS: readers
-    must treat a directory without its manifest as absent. Returns `uri`.
-    """
-    local_dir, uri = str(local_dir), str(uri)
+    `last` names files (relative paths) written after all the others on remote stores: readers
+    must treat a directory without its manifest as absent. Returns `uri`."""
+    local_dir, uri = os.fspath(local_dir), os.fspath(uri)
     if not os.path.isdir(local_dir):
-        raise StorageError(f"publish_dir: {local_dir!r} is not a directory; write the files there first")
+        raise StorageError(f"publish_dir: {local_dir} is not a directory; write the files there first")
     if not overwrite and exists(uri):
-        raise StorageError(f"publish_dir: {uri!r} already exists; pass overwrite=True to replace it")
-    if not is_gcs(uri):
-        if os.path.abspath(local_dir) == os.path.abspath(uri):
+        raise StorageError(f"publish_dir: {uri} already exists; pass overwrite=True to replace it")
+    files = find(local_dir)
+    with _on(uri, "publish to") as (fs, root):
+        if not is_remote(uri):
+            if os.path.abspath(local_dir) != os.path.abspath(root):
+                _into_place(root, lambda tmp: shutil.copytree(local_dir, tmp))
             return uri
-        os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
-        tmp = _sibling_temp(uri, "tmp")
-        try:
-            shutil.copytree(local_dir, tmp)
-            _swap_in_local(tmp, uri)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return uri
-
-    files = _local_files(local_dir)
-    last_set = [f for f in files if f in set(last)]
-    first = [f for f in files if f not in set(last)]
-    bucket, key = _bucket(uri)
-    if overwrite:
-        # Drop the old manifest first so readers stop trusting the directory while it changes.
-        for name in last:
-            blob = bucket.blob(f"{key}/{name}")
-            if blob.exists():
-                blob.delete()
-
-    def upload(rel: str) -> None:
-        bucket.blob(f"{key}/{rel}").upload_from_filename(os.path.join(local_dir, rel))
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(upload, first))
-    if overwrite:
-        keep = {f"{key}/{rel}" for rel in files}
-        for blob in list(_iter_blobs(uri)):
-            if blob.name not in keep:
-                blob.delete()
-    for rel in last_set:
-        upload(rel)
+        root = root.rstrip("/")
+        if overwrite:  # readers stop trusting the directory before any file in it changes
+            for name in last:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(f"{root}/{name}")
+        _put(fs, local_dir, root, [f for f in files if f not in last])
+        stale = sorted(set(find(uri)) - set(files)) if overwrite else []
+        if stale:
+            fs.rm([f"{root}/{r}" for r in stale])
+        _put(fs, local_dir, root, [n for n in last if n in files])
     return uri
 
 
-def fetch_dir(uri: str | os.PathLike, local_dir: str | os.PathLike | None = None, workers: int = 8) -> str:
+def fetch_dir(uri: str | os.PathLike, local_dir: str | os.PathLike | None = None) -> str:
     """Make the directory at `uri` available locally and return its local path.
 
-    A local `uri` with no `local_dir` (or the same path) is returned as is; otherwise the
-    files are copied/downloaded into a sibling temp directory renamed to `local_dir`, which
-    replaces whatever was there."""
-    uri = str(uri)
-    if not is_gcs(uri):
-        if not os.path.isdir(uri):
-            raise FileNotFoundError(f"no such directory: {uri}")
-        if local_dir is None or os.path.abspath(str(local_dir)) == os.path.abspath(uri):
+    A local `uri` with no `local_dir` (or the same path) is returned as is; a remote one with no
+    `local_dir` goes to a new temp directory. Otherwise the files are copied/downloaded into a
+    sibling temp directory renamed to `local_dir`, which replaces whatever was there."""
+    uri = os.fspath(uri)
+    with _on(uri, "download") as (fs, src):
+        here = not is_remote(uri) and (local_dir is None or os.path.abspath(local_dir) == os.path.abspath(src))
+        rels = [] if here else find(uri)
+        if not rels and not fs.isdir(src):
+            raise NotFound(f"no such directory (nothing under it): {uri}")
+        if here:
             return uri
-    elif local_dir is None:
-        raise StorageError(f"fetch_dir({uri!r}) needs a local_dir to download into")
-    local_dir = str(local_dir)
-    os.makedirs(os.path.dirname(os.path.abspath(local_dir)), exist_ok=True)
-    tmp = _sibling_temp(local_dir, "tmp")
-    try:
-        if not is_gcs(uri):
-            shutil.copytree(uri, tmp)
-        else:
-            _, key = _split_gcs(uri)
-            prefix = f"{key}/" if key else ""
-            blobs = [b for b in _iter_blobs(uri) if not b.name.endswith("/")]
-            if not blobs:
-                raise FileNotFoundError(f"no such directory (no objects under it): {uri}")
+        if local_dir is None:  # the caller owns the copy, as with any download
+            local_dir = os.path.join(tempfile.mkdtemp(prefix="flaxchat-fetch-"), basename(uri))
 
-            def download(blob: Any) -> None:
-                dest = os.path.join(tmp, *blob.name[len(prefix):].split("/"))
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                blob.download_to_filename(dest)
+        def download(tmp: str) -> None:
+            targets = [os.path.join(tmp, *r.split("/")) for r in rels]
+            for t in [os.path.join(tmp, "_")] + targets:  # the root too: the directory may be empty
+                os.makedirs(os.path.dirname(t), exist_ok=True)
+            fs.get([f"{src.rstrip('/')}/{r}" for r in rels], targets)
 
-            os.makedirs(tmp)
-            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                list(pool.map(download, blobs))
-        _swap_in_local(tmp, local_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return local_dir
+        _into_place(os.fspath(local_dir), download)
+    return os.fspath(local_dir)

@@ -1,8 +1,12 @@
-"""flaxchat.storage: local paths and gs:// URIs (against an in-process GCS emulator)."""
+"""flaxchat.storage: the same behaviour on a local directory, `memory://` and `gs://` (an
+in-process GCS emulator), plus what is specific to each (local atomic rename, GCS prefixes)."""
 
+import hashlib
+import io
 import os
 import socket
 import sys
+import uuid
 
 import pytest
 
@@ -17,18 +21,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def gcs():
-    """A GCS emulator on 127.0.0.1 with bucket `test-bucket`; yields the bucket URI."""
+def _start_emulator(bucket: str):
     try:
         from gcp_storage_emulator.server import create_server
     except Exception as e:  # the dev group installs it; only a broken env skips
         pytest.skip(f"gcp-storage-emulator does not import ({e}); GCS tests need the dev dependency group")
     port = _free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="test-bucket")
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
     server.start()
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A GCS emulator on 127.0.0.1 with bucket `test-bucket`; yields the bucket URI."""
+    pytest.importorskip("gcsfs", reason="gs:// needs gcsfs (the gcs extra)")
+    server, host = _start_emulator("test-bucket")
     old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    os.environ["STORAGE_EMULATOR_HOST"] = host
     try:
         yield "gs://test-bucket"
     finally:
@@ -39,55 +49,180 @@ def gcs():
         server.stop()
 
 
-def _make_tree(root) -> dict[str, bytes]:
+@pytest.fixture(params=["local", "memory", "gs"])
+def root(request, tmp_path):
+    """A fresh, empty directory URI on each backend."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    if request.param == "memory":
+        return f"memory://flaxchat-test-{uuid.uuid4().hex[:8]}"
+    return storage.join(request.getfixturevalue("gcs"), uuid.uuid4().hex[:8])
+
+
+def _make_tree(path) -> dict[str, bytes]:
     files = {"a.txt": b"alpha", "sub/b.bin": bytes(range(256)) * 10, "sub/deeper/c.txt": b"",
              "manifest.json": b'{"ok": true}'}
     for rel, data in files.items():
-        path = os.path.join(root, *rel.split("/"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
+        p = os.path.join(path, *rel.split("/"))
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
             f.write(data)
     return files
 
 
-def _read_tree(root) -> dict[str, bytes]:
+def _read_tree(path) -> dict[str, bytes]:
     out = {}
-    for dirpath, _, names in os.walk(root):
+    for dirpath, _, names in os.walk(path):
         for n in names:
             p = os.path.join(dirpath, n)
-            out[os.path.relpath(p, root).replace(os.sep, "/")] = open(p, "rb").read()
+            out[os.path.relpath(p, path).replace(os.sep, "/")] = open(p, "rb").read()
     return out
 
 
-# --------------------------------------------------------------------------- local
+def _one_line_naming(exc: BaseException, uri: str) -> None:
+    assert uri in str(exc) and "\n" not in str(exc), str(exc)
+
+
+# --------------------------------------------------------------------------- every backend
 
 def test_uri_helpers():
-    assert storage.is_gcs("gs://b/x") and not storage.is_gcs("/tmp/x") and not storage.is_gcs("gsx/y")
+    assert storage.is_remote("gs://b/x") and storage.is_remote("memory://x") and storage.is_remote("s3://b/k")
+    assert not storage.is_remote("/tmp/x") and not storage.is_remote("gsx/y") and not storage.is_remote("file:///x")
+    assert storage.is_gcs is storage.is_remote
     assert storage.join("gs://b/pre/", "x", "/y/") == "gs://b/pre/x/y"
     assert storage.join("gs://b", "x") == "gs://b/x"
+    assert storage.join("memory://r", "x") == "memory://r/x"
     assert storage.join("/tmp/a", "b", "c") == os.path.join("/tmp/a", "b", "c")
+    assert storage.basename("gs://b/pre/x/") == "x" and storage.basename("/tmp/a/b") == "b"
 
 
-def test_local_round_trip(tmp_path):
-    target = str(tmp_path / "new" / "dir" / "f.txt")
-    assert not storage.exists(target)
-    storage.write_text(target, "héllo")
-    assert storage.exists(target) and storage.read_text(target) == "héllo"
-    storage.write_bytes(target, b"\x00\x01")
-    assert storage.read_bytes(target) == b"\x00\x01"
-    storage.write_text(str(tmp_path / "new" / "a.txt"), "x")
-    assert storage.listdir(str(tmp_path / "new")) == ["a.txt", "dir"]
-    assert storage.isdir(str(tmp_path / "new" / "dir")) and not storage.isdir(target)
-    import hashlib
-    assert storage.sha256_file(target) == hashlib.sha256(b"\x00\x01").hexdigest()
-    storage.remove_tree(str(tmp_path / "new"))
-    assert not storage.exists(str(tmp_path / "new"))
-    storage.remove_tree(str(tmp_path / "never-existed"))  # missing is fine
-    with pytest.raises(FileNotFoundError):
-        storage.read_bytes(str(tmp_path / "missing"))
+def test_round_trip(root):
+    f = storage.join(root, "dir", "f.txt")
+    assert not storage.exists(f) and not storage.exists(root)
+    storage.write_text(f, "héllo")
+    storage.write_bytes(storage.join(root, "top.bin"), b"\x00\xff" * 100)
+    assert storage.read_text(f) == "héllo" and storage.read_bytes(storage.join(root, "top.bin")) == b"\x00\xff" * 100
+    storage.write_bytes(f, b"\x00\x01")  # overwrite
+    assert storage.read_bytes(f) == b"\x00\x01"
+    # directories: on object stores a prefix with objects under it, with no marker object
+    assert storage.exists(f) and storage.exists(root) and storage.exists(storage.join(root, "dir"))
+    assert storage.isdir(root) and storage.isdir(storage.join(root, "dir")) and not storage.isdir(f)
+    assert not storage.isdir(storage.join(root, "nothing"))
+    assert storage.listdir(root) == ["dir", "top.bin"]
+    assert storage.listdir(storage.join(root, "dir")) == ["f.txt"]
+    assert storage.find(root) == ["dir/f.txt", "top.bin"]
+    with storage.open_read(storage.join(root, "top.bin")) as fh:
+        fh.seek(199)
+        assert fh.read() == b"\xff"
+    assert storage.sha256_file(f) == hashlib.sha256(b"\x00\x01").hexdigest()
+    storage.remove_tree(storage.join(root, "dir"))
+    assert storage.listdir(root) == ["top.bin"] and not storage.exists(f)
+    storage.remove_tree(root)
+    assert not storage.exists(root)
+    storage.remove_tree(storage.join(root, "never-existed"))  # missing is fine
 
 
-def test_atomic_write_leaves_no_temp_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
+def test_errors_are_one_line_and_name_the_uri(root):
+    missing = storage.join(root, "missing")
+    for op in (storage.read_bytes, storage.listdir, storage.sha256_file, storage.open_read):
+        with pytest.raises(FileNotFoundError) as info:
+            op(missing)
+        assert isinstance(info.value, storage.StorageError)
+        _one_line_naming(info.value, missing)
+    storage.write_text(storage.join(root, "file"), "x")
+    with pytest.raises(storage.StorageError) as info:
+        storage.listdir(storage.join(root, "file"))
+    _one_line_naming(info.value, storage.join(root, "file"))
+
+
+@pytest.mark.parametrize("raised, kind", [
+    (OSError("Forbidden: b/o/key\n{'error': 'caller lacks storage.objects.get'}"), storage.Denied),
+    (PermissionError(13, "Permission denied"), storage.Denied),
+    (ValueError("bad\nlong\nbody"), storage.StorageError)])
+def test_backend_errors_become_one_line_storage_errors(root, monkeypatch, raised, kind):
+    fs, _ = storage.filesystem(root)
+
+    def boom(*a, **k):
+        raise raised
+
+    monkeypatch.setattr(fs, "cat_file", boom)
+    uri = storage.join(root, "x")
+    with pytest.raises(kind) as info:
+        storage.read_bytes(uri)
+    _one_line_naming(info.value, uri)
+
+
+def test_pyarrow_reads_parquet_through_the_same_filesystem(root):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(10)]}), buf, row_group_size=4)
+    uri = storage.join(root, "shard.parquet")
+    storage.write_bytes(uri, buf.getvalue())
+    fs, path = storage.filesystem(uri)
+    assert storage.filesystem(root)[0] is fs  # one cached instance per backend
+    with pq.ParquetFile(path, filesystem=fs) as pf:
+        assert pf.num_row_groups == 3
+        assert pf.read_row_group(2).column("text").to_pylist() == ["doc 8", "doc 9"]
+
+
+def test_publish_is_atomic_for_readers(root, tmp_path, monkeypatch):
+    """Every upload of non-manifest files happens while no manifest is visible, the manifest goes
+    up alone and last, and an overwrite hides the old manifest before changing anything."""
+    src = tmp_path / "build"
+    files = _make_tree(src)
+    dest = storage.join(root, "pub")
+    manifest = storage.join(dest, "manifest.json")
+    calls = []
+    real_put = storage._put
+
+    def recording_put(fs, local_dir, remote_root, rels):
+        calls.append((sorted(rels), storage.exists(manifest)))
+        real_put(fs, local_dir, remote_root, rels)
+
+    monkeypatch.setattr(storage, "_put", recording_put)
+    assert storage.publish_dir(str(src), dest) == dest
+    assert _read_tree(storage.fetch_dir(dest, str(tmp_path / "fetched"))) == files
+    with pytest.raises(storage.StorageError, match="overwrite=True"):
+        storage.publish_dir(str(src), dest)
+
+    (src / "sub" / "b.bin").unlink()
+    (src / "new.txt").write_bytes(b"n")
+    (src / "manifest.json").write_bytes(b'{"v": 2}')
+    storage.publish_dir(str(src), dest, overwrite=True)
+    fetched = _read_tree(storage.fetch_dir(dest, str(tmp_path / "fetched")))  # replaces the old copy
+    assert "sub/b.bin" not in fetched and fetched["new.txt"] == b"n" and fetched["manifest.json"] == b'{"v": 2}'
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp dirs left
+    if storage.is_remote(root):  # local publishing is one rename, no per-file uploads
+        assert calls == [(["a.txt", "sub/b.bin", "sub/deeper/c.txt"], False), (["manifest.json"], False),
+                         (["a.txt", "new.txt", "sub/deeper/c.txt"], False), (["manifest.json"], False)]
+    else:
+        assert not [n for n in os.listdir(os.path.dirname(dest)) if n.startswith(".")]
+    with pytest.raises(storage.StorageError, match="not a directory"):
+        storage.publish_dir(str(tmp_path / "nope"), storage.join(root, "x"))
+
+
+def test_fetch_dir(root, tmp_path):
+    src = tmp_path / "build"
+    files = _make_tree(src)
+    uri = storage.publish_dir(str(src), storage.join(root, "d"))
+    copy = storage.fetch_dir(uri, str(tmp_path / "copy"))
+    assert copy == str(tmp_path / "copy") and _read_tree(copy) == files
+    (tmp_path / "copy" / "stale.txt").write_bytes(b"s")
+    assert _read_tree(storage.fetch_dir(uri, str(tmp_path / "copy"))) == files  # replaced whole
+    if storage.is_remote(uri):
+        assert _read_tree(storage.fetch_dir(uri)) == files  # into a fresh temp dir
+    else:
+        assert storage.fetch_dir(uri) == uri  # already local: no copy
+    storage.remove_tree(uri)
+    with pytest.raises(FileNotFoundError) as info:
+        storage.fetch_dir(uri, str(tmp_path / "again"))
+    _one_line_naming(info.value, uri)
+    assert not os.path.exists(tmp_path / "again")
+
+
+# --------------------------------------------------------------------------- local only
+
+def test_local_atomic_write_leaves_no_temp_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
     target = str(tmp_path / "state.json")
     storage.write_text(target, "old")
     assert os.listdir(tmp_path) == ["state.json"]
@@ -102,95 +237,43 @@ def test_atomic_write_leaves_no_temp_and_keeps_old_file_on_failure(tmp_path, mon
     assert os.listdir(tmp_path) == ["state.json"]  # the temp file was cleaned up
 
 
-def test_publish_dir_local(tmp_path):
-    src = tmp_path / "build"
-    files = _make_tree(src)
-    dest = str(tmp_path / "out" / "ckpt")
-    assert storage.publish_dir(str(src), dest) == dest
-    assert _read_tree(dest) == files
-    with pytest.raises(storage.StorageError, match="overwrite=True"):
-        storage.publish_dir(str(src), dest)
-    # overwrite replaces the whole directory (stale files disappear), no temp siblings remain
-    (src / "a.txt").unlink()
-    (src / "new.txt").write_bytes(b"n")
-    storage.publish_dir(str(src), dest, overwrite=True)
-    expected = dict(files)
-    del expected["a.txt"]
-    expected["new.txt"] = b"n"
-    assert _read_tree(dest) == expected
-    assert os.listdir(tmp_path / "out") == ["ckpt"]
-    with pytest.raises(storage.StorageError, match="not a directory"):
-        storage.publish_dir(str(tmp_path / "nope"), str(tmp_path / "x"))
+# --------------------------------------------------------------------------- GCS only
 
-
-def test_fetch_dir_local(tmp_path):
-    src = tmp_path / "src"
-    files = _make_tree(src)
-    assert storage.fetch_dir(str(src)) == str(src)
-    copy = storage.fetch_dir(str(src), str(tmp_path / "copy"))
-    assert _read_tree(copy) == files
-    with pytest.raises(FileNotFoundError):
-        storage.fetch_dir(str(tmp_path / "absent"))
-
-
-def test_missing_gcs_library_gives_install_hint(monkeypatch):
-    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # makes the import fail
-    monkeypatch.setattr(storage, "_clients", {})
+def test_missing_gcsfs_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # makes the import fail
     with pytest.raises(storage.StorageError, match=r"pip install 'flaxchat\[gcs\]'"):
         storage.read_bytes("gs://bucket/x")
 
 
-# --------------------------------------------------------------------------- GCS (emulator)
-
-def test_gcs_round_trip(gcs):
-    root = storage.join(gcs, "rt")
-    uri = storage.join(root, "dir", "f.txt")
-    assert not storage.exists(uri) and not storage.exists(root)
-    storage.write_text(uri, "hello gcs")
-    storage.write_bytes(storage.join(root, "top.bin"), b"\x00\xff" * 100)
-    assert storage.read_text(uri) == "hello gcs"
-    assert storage.exists(uri) and storage.exists(root) and storage.exists(storage.join(root, "dir"))
-    assert storage.isdir(storage.join(root, "dir")) and not storage.isdir(uri)
-    assert storage.listdir(root) == ["dir", "top.bin"]
-    assert storage.listdir(storage.join(root, "dir")) == ["f.txt"]
-    with storage.open_read(storage.join(root, "top.bin")) as f:
-        f.seek(199)
-        assert f.read() == b"\xff"
-    import hashlib
-    assert storage.sha256_file(uri) == hashlib.sha256(b"hello gcs").hexdigest()
-    with pytest.raises(FileNotFoundError):
-        storage.read_bytes(storage.join(root, "missing"))
-    with pytest.raises(FileNotFoundError):
-        storage.listdir(storage.join(root, "missing"))
-    storage.remove_tree(root)
-    assert not storage.exists(root)
+def test_gcs_bucket_root(gcs):
+    assert storage.exists(gcs) and storage.isdir(gcs)
+    with pytest.raises(storage.StorageError, match="bucket root"):
+        storage.write_text(gcs, "x")
+    with pytest.raises(storage.StorageError, match="whole bucket"):
+        storage.remove_tree(gcs)
 
 
-def test_gcs_publish_uploads_manifest_last_and_fetch_round_trips(gcs, tmp_path, monkeypatch):
-    from google.cloud.storage import Blob
-    src = tmp_path / "build"
-    files = _make_tree(src)
-    order = []
-    real_upload = Blob.upload_from_filename
+def test_gcs_listing_never_hides_another_writers_object(gcs):
+    """A second client (another host, orbax) writes after we listed: we see it at once."""
+    import gcsfs
+    root = storage.join(gcs, "shared")
+    storage.write_text(storage.join(root, "a"), "1")
+    assert storage.listdir(root) == ["a"] and not storage.exists(storage.join(root, "b"))
+    other = gcsfs.core.GCSFileSystem(endpoint_url=os.environ["STORAGE_EMULATOR_HOST"], token="anon",
+                                     project="test", skip_instance_cache=True)
+    other.pipe_file("test-bucket/shared/b", b"2")
+    assert storage.listdir(root) == ["a", "b"] and storage.exists(storage.join(root, "b"))
+    assert storage.find(root) == ["a", "b"]
 
-    def recording_upload(self, filename, *a, **k):
-        order.append(self.name.removeprefix("pub/"))
-        return real_upload(self, filename, *a, **k)
 
-    monkeypatch.setattr(Blob, "upload_from_filename", recording_upload)
-    dest = storage.join(gcs, "pub")
-    storage.publish_dir(str(src), dest)
-    assert order[-1] == "manifest.json" and sorted(order) == sorted(files)
-    assert _read_tree(storage.fetch_dir(dest, str(tmp_path / "fetched"))) == files
-    with pytest.raises(storage.StorageError, match="already exists"):
-        storage.publish_dir(str(src), dest)
-
-    (src / "sub" / "b.bin").unlink()
-    (src / "manifest.json").write_bytes(b'{"v": 2}')
-    storage.publish_dir(str(src), dest, overwrite=True)
-    fetched = _read_tree(storage.fetch_dir(dest, str(tmp_path / "fetched")))  # replaces the old copy
-    assert "sub/b.bin" not in fetched and fetched["manifest.json"] == b'{"v": 2}'
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp dirs left
-    storage.remove_tree(dest)
-    with pytest.raises(FileNotFoundError):
-        storage.fetch_dir(dest, str(tmp_path / "again"))
+def test_gcs_emulator_on_a_new_port_gets_a_new_filesystem(gcs, monkeypatch):
+    fs1, _ = storage.filesystem(gcs)
+    server, host = _start_emulator("test-bucket")
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
+        fs2, _ = storage.filesystem(gcs)
+        assert fs2 is not fs1
+        storage.write_text(storage.join(gcs, "only-here"), "x")
+        assert storage.listdir(gcs) == ["only-here"]
+    finally:
+        server.stop()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -48,7 +47,7 @@ def _stage_dir(source: str) -> str:
     if source.endswith(".json"):
         source = source.rsplit("/", 1)[0] if "/" in source else "."
     # orbax refuses relative checkpoint paths: `--model artifacts/<run>/sft` must work as typed
-    return source if storage.is_gcs(source) else os.path.abspath(source)
+    return source if storage.is_remote(source) else os.path.abspath(source)
 
 
 def _relocated(manifest_uri: str, stage_dir: str, path: str) -> str:
@@ -70,9 +69,7 @@ def load_tokenizer(manifest: dict[str, Any], stage_dir: str) -> Tokenizer:
     for directory in candidates:
         if not storage.exists(storage.join(directory, META_FILE)):
             continue
-        local = directory if not storage.is_gcs(directory) else storage.fetch_dir(
-            directory, tempfile.mkdtemp(prefix="flaxchat-tok-"))
-        return Tokenizer.load(local)
+        return Tokenizer.load(storage.fetch_dir(directory))  # remote: downloaded to a temp dir
     raise LoadError(f"no tokenizer ({META_FILE}) in any of {candidates}; rerun the stage that wrote "
                     f"{manifest['uri']} (it copies the tokenizer next to its checkpoints)")
 
@@ -109,7 +106,7 @@ def load_chat_model(source: str, *, verify: bool = True, device: jax.Device | No
         raise LoadError(f"the {manifest.get('stage')!r} manifest at {source} names no checkpoint "
                         f"(checkpoint.dir/step); point --model at a stage that trains a model")
     config = PipelineConfig.from_dict(manifest["config"])
-    if verify and not storage.is_gcs(stage_dir):
+    if verify and not storage.is_remote(stage_dir):
         verify_files(manifest, stage_dir)
     tokenizer = load_tokenizer(manifest, stage_dir)
     if tokenizer.vocab_size != config.model.vocab_size:

@@ -42,12 +42,11 @@ Encode = Callable[[list[str]], Sequence[Encoded]]
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
-    """Local path, or any URI pyarrow's filesystems understand (gs://, s3://, file://)."""
-    if "://" in path:
-        from pyarrow import fs as pafs
-        filesystem, inner = pafs.FileSystem.from_uri(path)
-        return pq.ParquetFile(filesystem.open_input_file(inner))
-    return pq.ParquetFile(path)
+    """A local path or any URI of the project's storage layer (gs://, memory://, …), read through
+    the same fsspec filesystem objects as every other file, so credentials and emulators agree."""
+    from flaxchat import storage
+    fs, inner = storage.filesystem(path)
+    return pq.ParquetFile(inner, filesystem=fs)
 
 
 class RowGroupSchedule:

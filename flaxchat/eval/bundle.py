@@ -224,7 +224,7 @@ def resolve_bundle_dir(source: str | os.PathLike, cache_dir: str = DEFAULT_CACHE
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
     is_url = source.startswith(("http://", "https://"))
     is_zip = source.split("?")[0].endswith(".zip")
-    if not is_url and not storage.is_gcs(source):
+    if not is_url and not storage.is_remote(source):
         if os.path.isdir(source):
             return source
         if not os.path.isfile(source):
@@ -241,14 +241,15 @@ def resolve_bundle_dir(source: str | os.PathLike, cache_dir: str = DEFAULT_CACHE
     if os.path.isfile(os.path.join(dest, "core.yaml")):
         return dest                                            # cached: no request
     os.makedirs(cache_dir, exist_ok=True)
-    if storage.is_gcs(source) and not is_zip:
+    if not is_url and storage.is_remote(source) and not is_zip:
         return storage.fetch_dir(source, dest)
     zip_path = os.path.join(cache_dir, f".{os.path.basename(dest)}-{uuid.uuid4().hex[:12]}.zip")
     try:
         if is_url:
             fetch_url(source, zip_path, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
-        else:
-            storage.write_bytes(zip_path, storage.read_bytes(source))
+        else:  # streamed: the bundle is large and zip_path is already a private temp name
+            with storage.open_read(source) as src, open(zip_path, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
         _extract(zip_path, dest)
     finally:
         if os.path.exists(zip_path):
