@@ -6,6 +6,10 @@ after the step. Modes:
   --num-processes N --process-id i --coordinator host:port   one process of an N-process job
   (none of those)                                             single process, all local devices
 Each process loads only its `host_batch_slice` of the batch.
+
+  --train DATA_DIR --ckpt DIR --steps N ...                   the real training loop (Muon+AdamW,
+      PackedLoader over DATA_DIR's parquet shards, checkpoints in DIR), see `train_run`; prints
+      the loader position it resumed from and a digest of the final params and optimizer state
 """
 
 from __future__ import annotations
@@ -128,6 +132,108 @@ def sgd_step_hashes(npz_path: str | None = None, devices=None) -> dict:
             "hashes_before": leaf_hashes(params), "hashes": leaf_hashes(new_params)}
 
 
+# --------------------------------------------------------------------------- the real training loop
+
+TRAIN_ROWS = 4          # global rows per step (2 per process in the 2-process job)
+TRAIN_BUFFER_DOCS = 4   # small, so the loaders' positions move every few steps
+
+
+def byte_encode(texts: list[str]) -> list[list[int]]:
+    """Bytes as token ids; BOS is 0, which no UTF-8 text byte is."""
+    return [list(t.encode("utf-8")) for t in texts]
+
+
+class DictBatches:
+    """(inputs, targets) -> {"inputs", "targets"}; `parts` loaders' rows are stacked in order, so one
+    process can yield exactly the global batch that `len(parts)` processes load together."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __iter__(self):
+        for pieces in zip(*self.parts):
+            yield {"inputs": np.concatenate([p[0] for p in pieces]),
+                   "targets": np.concatenate([p[1] for p in pieces])}
+
+    def state_dict(self):
+        states = [p.state_dict() for p in self.parts]
+        return states[0] if len(states) == 1 else {"parts": states}
+
+    def close(self):
+        for p in self.parts:
+            p.close()
+
+
+def train_run(data_dir: str, ckpt: str, steps: int, every: int, kill_at: int | None = None,
+              emulate: int = 0, npz: str | None = None) -> dict:
+    """Train the tiny GPT with flaxchat.train.loop.train (checkpoints every `every` steps in `ckpt`,
+    resuming from it) on an FSDP mesh over all devices of all processes. `kill_at`: SIGKILL every
+    process once the checkpoint of that step has landed. `emulate=P` (one process): load the
+    global batch of a P-process job with P loaders, one per virtual process."""
+    import glob
+    import signal
+
+    import jax
+    from flax import nnx
+
+    from flaxchat.checkpoint import CheckpointStore, tree_digest
+    from flaxchat.config import MeshConfig, TrainConfig
+    from flaxchat.data.loader import PackedLoader, Prefetcher
+    from flaxchat.mesh import create_sharded, create_sharded_optimizer, make_mesh, mesh_context
+    from flaxchat.optim import build_optimizer
+    from flaxchat.train.loop import LoopConfig, train
+
+    cfg = tiny_model_config()
+    mesh_cfg = MeshConfig(data=1, fsdp=-1, rules="fsdp")
+    mesh = make_mesh(mesh_cfg)
+    shards = sorted(glob.glob(os.path.join(data_dir, "*.parquet")))
+    layout = [(i, emulate) for i in range(emulate)] if emulate else [(jax.process_index(), jax.process_count())]
+    given: dict = {}
+
+    def make_batches(state):
+        given["state"] = state
+        states = state["parts"] if emulate and state else [state] * len(layout)
+        return DictBatches([Prefetcher(PackedLoader(
+            shards, byte_encode, 0, TRAIN_ROWS, cfg.sequence_len, buffer_docs=TRAIN_BUFFER_DOCS,
+            process_index=p, process_count=n, seed=SEED, state=s)) for (p, n), s in zip(layout, states)])
+
+    store = CheckpointStore(ckpt, keep=2)
+    if kill_at is not None:
+        real_save = store.save
+
+        def save(step, state, meta):
+            real_save(step, state, meta)
+            if step == kill_at:
+                store.wait()   # landed and checksummed (ends with a barrier: every process is here)
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        store.save = save
+    with mesh_context(mesh, mesh_cfg.rules):
+        model = create_sharded(tiny_model_factory(), mesh, mesh_cfg.rules)
+        tx = build_optimizer(TrainConfig(warmup_steps=1, batch_lr_scaling=False), cfg, num_steps=steps)
+        optimizer = create_sharded_optimizer(model, tx, mesh, mesh_cfg.rules)
+        result = train(model=model, optimizer=optimizer, mesh=mesh, make_batches=make_batches,
+                       loss_fn=lambda m, b: m(b["inputs"], b["targets"]),
+                       cfg=LoopConfig(num_steps=steps, log_every=1, checkpoint_every=every), store=store)
+    store.close()
+    final = {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if npz and jax.process_index() == 0:
+        from jax.experimental import multihost_utils
+        np.savez(npz, **{name: np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+                         for name, leaf in zip(leaf_names(params), jax.tree.leaves(params))})
+    elif npz:   # process_allgather is a collective: the other processes take part
+        from jax.experimental import multihost_utils
+        for leaf in jax.tree.leaves(params):
+            multihost_utils.process_allgather(leaf, tiled=True)
+    return {"process_index": jax.process_index(), "process_count": jax.process_count(),
+            "devices": jax.device_count(), "resumed_from": result.resumed_from,
+            "resumed_loader_state": given["state"], "losses": [r["loss"] for r in result.history],
+            "steps": result.step, "digest": tree_digest(final), "params_digest": tree_digest(params),
+            "wte_local_shape": list(params["wte"].addressable_shards[0].data.shape)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--coordinator")
@@ -138,6 +244,13 @@ def main() -> None:
     parser.add_argument("--npz", help="save the params after the step to this .npz")
     parser.add_argument("--one-device-npz", help="single process only: also run the step on one device, "
                                                  "saving its params here")
+    parser.add_argument("--train", metavar="DATA_DIR", help="run the training loop on these parquet shards")
+    parser.add_argument("--ckpt", help="--train: checkpoint directory")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--every", type=int, default=3, help="--train: checkpoint interval")
+    parser.add_argument("--kill-at", type=int, help="--train: SIGKILL once this step's checkpoint landed")
+    parser.add_argument("--emulate", type=int, default=0, help="--train, one process: load the global batch "
+                                                                "of this many processes")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -151,6 +264,10 @@ def main() -> None:
     assert again is spec, "initialize_distributed must be idempotent"
     if args.init_only:
         print(json.dumps({"joined": spec.source}), flush=True)
+        return
+    if args.train:
+        print(json.dumps(train_run(args.train, args.ckpt, args.steps, args.every, args.kill_at, args.emulate,
+                                   args.npz)), flush=True)
         return
     report = sgd_step_hashes(args.npz)
     if args.one_device_npz:

@@ -2,12 +2,15 @@
 
 import json
 import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxchat import storage
 from flaxchat.checkpoint import CHECKSUMS, CheckpointStore
 
 
@@ -71,3 +74,64 @@ def test_checksum_file_lists_every_file(tmp_path):
     on_disk = {str(p.relative_to(tmp_path / "ckpt" / "3")) for p in (tmp_path / "ckpt" / "3").rglob("*")
                if p.is_file() and p.name != CHECKSUMS}
     assert set(sums) == on_disk and len(sums) > 2
+
+
+class _GatedHashing:
+    """storage.sha256_file that records its thread and blocks until released."""
+
+    def __init__(self, real):
+        self.real, self.threads = real, set()
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, path):
+        self.threads.add(threading.current_thread().name)
+        self.started.set()
+        assert self.release.wait(60), "hashing was never released"
+        return self.real(path)
+
+
+def test_checksums_are_computed_off_the_training_thread(tmp_path, monkeypatch):
+    gate = _GatedHashing(storage.sha256_file)
+    monkeypatch.setattr(storage, "sha256_file", gate)
+    store = CheckpointStore(str(tmp_path / "ckpt"), keep=3)
+    store.save(1, _state(1), {})
+    assert gate.started.wait(60)                  # step 1 landed and is being hashed ...
+    store.save(2, _state(2), {})                  # ... while the training thread saves on
+    assert not (tmp_path / "ckpt" / "1" / CHECKSUMS).exists()
+    assert threading.current_thread().name not in gate.threads
+    gate.release.set()
+    store.wait()                                  # joins the checksum thread
+    assert gate.threads and all(n.startswith("flaxchat-checksums") for n in gate.threads), gate.threads
+    assert store.verify(1) is True and store.verify(2) is True
+    store.close()
+
+
+def test_retention_never_deletes_a_step_while_it_is_hashed(tmp_path, monkeypatch):
+    """keep=1: saving step n+1 deletes step n once it lands, so save() first lets step n's checksum
+    finish; a checksum file must never be written into (and so resurrect) a deleted step."""
+    real = storage.sha256_file
+    monkeypatch.setattr(storage, "sha256_file", lambda path: (time.sleep(0.01), real(path))[1])
+    store = CheckpointStore(str(tmp_path / "ckpt"), keep=1)
+    for step in range(1, 5):
+        store.save(step, _state(step), {})
+    store.wait()
+    assert store.steps() == [4] and store.verify(4) is True
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith(".")) == ["4"]
+    store.close()
+
+
+def test_synchronous_checksums_still_work(tmp_path, monkeypatch):
+    """The old way (checksums on the calling thread), kept for bench/checkpoint_bench.py."""
+    threads = set()
+    real = storage.sha256_file
+    monkeypatch.setattr(storage, "sha256_file", lambda path: (threads.add(threading.current_thread().name),
+                                                               real(path))[1])
+    store = CheckpointStore(str(tmp_path / "ckpt"), keep=2, background_checksums=False)
+    store.save(1, _state(1), {"a": 1})
+    store.save(2, _state(2), {"a": 2})
+    store.wait()
+    assert threads == {threading.current_thread().name}
+    assert store.verify(1) is True and store.verify(2) is True
+    step, _, meta = store.restore_latest(_abstract(_state(0)))
+    assert step == 2 and meta == {"a": 2, "step": 2}
+    store.close()

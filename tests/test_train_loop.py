@@ -77,7 +77,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     _, restored, meta = store.restore_latest(jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(opt))}))
-    assert meta["loader"] == {"k": 4}
+    assert meta["loaders"] == [{"k": 4}]                             # one position per process
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
 
 
@@ -149,3 +149,17 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
     assert report["digest"] == want
     assert report["wte_shards"][0] != list(model.wte.value.shape)      # really sharded over there
     assert report["continued_to"] == 3 and np.isfinite(report["loss"])
+
+
+def test_each_process_resumes_its_own_loader_position(monkeypatch):
+    """meta["loaders"][p] is process p's position (gathered to process 0, which alone writes meta);
+    checkpoints from before per-process positions carry one `loader`."""
+    from flaxchat.train import loop
+    meta = {"loaders": [{"p": 0}, {"p": 1}], "step": 4}
+    for p in (0, 1):
+        monkeypatch.setattr(loop.jax, "process_index", lambda p=p: p)
+        assert loop.own_loader_state(meta) == {"p": p}
+    monkeypatch.setattr(loop.jax, "process_index", lambda: 2)   # the job grew: position 0, which
+    assert loop.own_loader_state(meta) == {"p": 0}               # a PackedLoader refuses by its settings
+    assert loop.own_loader_state({"loader": {"k": 3}, "step": 3}) == {"k": 3}
+    assert loop.own_loader_state({"step": 3}) is None

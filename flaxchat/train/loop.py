@@ -7,7 +7,9 @@ eval and checkpoint intervals: the loss of each step stays on the device, and th
 non-finite step is tracked on the device so a NaN is still reported with its step number.
 
 State that makes a run exactly resumable lives in the checkpoint: model params, optimizer
-state (incl. its step counter, which drives every schedule) and the data loader's position.
+state (incl. its step counter, which drives every schedule) and the data loader's position,
+one per process (each host reads its own share of the data), gathered into the checkpoint's
+`meta` as `loaders[process_index]`; on resume every process continues from its own.
 Batch k is therefore a pure function of (seed, k, data) whether or not the run was killed.
 """
 
@@ -27,6 +29,7 @@ from jax.sharding import PartitionSpec
 
 from flaxchat.batches import make_global_batch
 from flaxchat.checkpoint import CheckpointStore
+from flaxchat.distributed import allgather_json
 from flaxchat.flops import mfu
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], jax.Array]
@@ -81,6 +84,18 @@ def restore_into(model: nnx.Module, optimizer: nnx.Optimizer, restored: dict[str
         state = nnx.state(obj)
         nnx.replace_by_pure_dict(state, restored[key])
         nnx.update(obj, state)
+
+
+def own_loader_state(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """This process's data position from a checkpoint's `meta`: `loaders[process_index]`.
+    With fewer saved positions than processes (the job grew) process p gets position 0: a
+    source whose position does not depend on the process (GRPO's round) continues, a
+    PackedLoader refuses it with its "saved with different settings" error. Checkpoints from
+    before per-process positions carry one `loader`."""
+    if "loaders" not in meta:
+        return meta.get("loader")
+    loaders, p = meta["loaders"], jax.process_index()
+    return loaders[p] if p < len(loaders) else loaders[0]
 
 
 def _abstract(tree: Any) -> Any:
@@ -142,7 +157,7 @@ def train(*, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn, mesh:
         if found:
             start_step, restored, meta = found
             restore_into(model, optimizer, restored)
-            loader_state, resumed_from = meta.get("loader"), start_step
+            loader_state, resumed_from = own_loader_state(meta), start_step
             emit("info", {"message": f"resumed from step {start_step} of {candidate.directory}"})
             break
 
@@ -164,7 +179,8 @@ def train(*, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn, mesh:
     def save(step: int, loader: BatchSource) -> None:
         nonlocal last_saved
         if store is not None:
-            store.save(step, checkpoint_state(model, optimizer), {"loader": loader.state_dict()})
+            # every process's position (orbax writes `meta` from process 0 only); tiny JSON, no arrays
+            store.save(step, checkpoint_state(model, optimizer), {"loaders": allgather_json(loader.state_dict())})
             last_saved = step
 
     batches = make_batches(loader_state)
