@@ -1,8 +1,8 @@
 """FullPipelineFlow: tokenizer -> pretrain -> sft -> grpo -> eval -> export, as Metaflow steps.
 
 Each stage step calls one `steps.<stage>.run(config, inputs, output_uri)` and stores the
-returned manifest as an artifact named after the stage. Big files live under the
-manifest's `uri`; the artifacts stay small. Consumers read upstream manifests only.
+returned manifest as the artifact `<stage>_manifest` (`self.tokenizer_manifest`, …). Big files
+live under the manifest's `uri`; the artifacts stay small. Consumers read upstream manifests only.
 
     python flows/full_pipeline.py run --preset demo
     python flows/full_pipeline.py --config config overrides.yaml run --depth 8
@@ -37,7 +37,35 @@ def _git_revision() -> str:
 
 
 def _fmt(value) -> str:
-    return "resumed" if value is None else f"{value:.4f}"
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def origin_chain(flow_name: str, origin_run_id: str | None) -> list[str]:
+    """The runs a resumed run continues, nearest first: its origin, the origin's origin, …
+
+    Metaflow hands a task only its immediate origin (`current.origin_run_id`); every task of a
+    resumed run, cloned or rerun, records that run's origin as `origin-run-id` metadata, so the
+    chain is read back from there through the client."""
+    chain: list[str] = []
+    run_id = origin_run_id
+    while run_id and run_id not in chain:
+        chain.append(run_id)
+        run_id = _origin_of(f"{flow_name}/{run_id}")
+    return chain
+
+
+def _origin_of(pathspec: str) -> str | None:
+    """The run `pathspec` resumed, or None for a fresh run."""
+    from metaflow import Run
+    try:
+        for step_ in Run(pathspec, _namespace_check=False):
+            for task in step_:
+                origin = task.metadata_dict.get("origin-run-id")
+                return origin if origin and origin != "None" else None   # "None": a fresh run
+    except Exception as exc:  # the run is gone, the metadata service is unreachable, …
+        print(f"warning: cannot read which run {pathspec} resumed ({type(exc).__name__}: {exc}); "
+              f"checkpoints of runs before it are not searched")
+    return None
 
 
 class PipelineInputError(MetaflowException):
@@ -65,11 +93,6 @@ class FullPipelineFlow(FlowSpec):
     artifact_root = Parameter("artifact-root", default="./artifacts",
                               help="where stage outputs go: a local directory or gs://bucket/prefix")
 
-    def manifest(self, stage: str) -> dict:
-        """An upstream stage's manifest artifact. Step methods and their artifacts share the
-        stage's name, so `self.<stage>` finds the method; read the artifact explicitly."""
-        return FlowSpec.__getattr__(self, stage)
-
     def _config(self) -> PipelineConfig:
         return PipelineConfig.from_dict(self.pipeline_config)
 
@@ -79,15 +102,41 @@ class FullPipelineFlow(FlowSpec):
         from flaxchat import storage
         return storage.join(self.artifact_base, current.flow_name, current.run_id, stage)
 
+    def _show(self, stage: str, components: list) -> None:
+        for component in components:
+            current.card[stage].append(component)
+
+    def _resume_sources(self, stage: str) -> list[str]:
+        """After `resume`: this stage's checkpoint directories in the origin run, the origin's
+        origin, … nearest first. A resumed run that itself died before its first checkpoint
+        leaves the newest one further up the chain."""
+        from flaxchat import storage
+        runs = origin_chain(current.flow_name, current.origin_run_id)
+        if runs:
+            print(f"{stage}: resumed; looking for checkpoints in runs {', '.join(runs)} (nearest first)")
+        return [storage.join(self.artifact_base, current.flow_name, run_id, stage, "checkpoints") for run_id in runs]
+
+    def _train_stage(self, name: str, inputs: dict, live, summary) -> dict:
+        """Run a training stage; after `resume`, continue from the newest checkpoint along the chain."""
+        import importlib
+        stage = importlib.import_module(f"steps.{name}")
+        with clear_errors():
+            manifest = stage.run(self._config(), inputs, self._stage_uri(name), resume_from=self._resume_sources(name),
+                                 extra_sinks=(live,))
+        self._show(name, summary(manifest))
+        return manifest
+
     @step
     def start(self):
         """Resolve and validate the whole config once; every stage reads this copy."""
+        # a relative --artifact-root is taken from where the run was started, once, here: every
+        # later task, a resumed run and other machines read the absolute location this records
+        root = self.artifact_root if "://" in self.artifact_root else os.path.abspath(self.artifact_root)
         with clear_errors():
             cfg = build_config(self.preset, depth=self.depth or None, overrides=dict(self.overrides or {}),
-                               artifact_root=self.artifact_root)
+                               artifact_root=root.rstrip("/"))
         self.pipeline_config = cfg.to_dict()
-        root = cfg.artifact_root if "://" in cfg.artifact_root else os.path.abspath(cfg.artifact_root)
-        self.artifact_base = root.rstrip("/")
+        self.artifact_base = cfg.artifact_root
         self.git_revision = _git_revision()
         from metaflow import Run
         Run(current.pathspec.rsplit("/", 2)[0]).add_tags(
@@ -103,26 +152,9 @@ class FullPipelineFlow(FlowSpec):
         from steps import tokenizer
         from flows.cards import tokenizer_card
         with clear_errors():
-            self.tokenizer = tokenizer.run(self._config(), {}, self._stage_uri("tokenizer"))
-        for component in tokenizer_card(self.tokenizer):
-            current.card["tokenizer"].append(component)
+            self.tokenizer_manifest = tokenizer.run(self._config(), {}, self._stage_uri("tokenizer"))
+        self._show("tokenizer", tokenizer_card(self.tokenizer_manifest))
         self.next(self.pretrain)
-
-    def _train_stage(self, name: str, inputs: dict, live, summary) -> dict:
-        """Run a training stage; after `resume`, continue from the origin run's last good checkpoint."""
-        import importlib
-        from flaxchat import storage
-        resume_from = None
-        if current.origin_run_id:  # a rerun by `resume`: the failed attempt's checkpoints live there
-            resume_from = storage.join(self.artifact_base, current.flow_name, current.origin_run_id,
-                                       name, "checkpoints")
-        stage = importlib.import_module(f"steps.{name}")
-        with clear_errors():
-            manifest = stage.run(self._config(), inputs, self._stage_uri(name), resume_from=resume_from,
-                                 extra_sinks=(live,))
-        for component in summary(manifest):
-            current.card[name].append(component)
-        return manifest
 
     @card(type="blank", id="pretrain", refresh_interval=10)
     @step
@@ -130,8 +162,8 @@ class FullPipelineFlow(FlowSpec):
         """Pretrain the GPT on the corpus; val bits per byte falls."""
         from flows.cards import LiveTrainingCard, pretrain_summary
         live = LiveTrainingCard(current.card["pretrain"], f"Pretraining d{self._config().model.depth}")
-        self.pretrain = self._train_stage("pretrain", {"tokenizer": self.manifest("tokenizer")}, live,
-                                          pretrain_summary)
+        self.pretrain_manifest = self._train_stage("pretrain", {"tokenizer": self.tokenizer_manifest}, live,
+                                                   pretrain_summary)
         self.next(self.sft)
 
     @card(type="blank", id="sft", refresh_interval=10)
@@ -141,7 +173,7 @@ class FullPipelineFlow(FlowSpec):
         from flows.cards import LiveTrainingCard, sft_summary
         live = LiveTrainingCard(current.card["sft"], "Supervised fine-tuning",
                                 (("val_loss", "held-out loss (nats/token)"), ("greedy_pass@1", "greedy accuracy")))
-        self.sft = self._train_stage("sft", {"pretrain": self.manifest("pretrain")}, live, sft_summary)
+        self.sft_manifest = self._train_stage("sft", {"pretrain": self.pretrain_manifest}, live, sft_summary)
         self.next(self.grpo)
 
     @card(type="blank", id="grpo", refresh_interval=10)
@@ -152,7 +184,7 @@ class FullPipelineFlow(FlowSpec):
         k = self._config().rl.eval_samples
         live = LiveTrainingCard(current.card["grpo"], "GRPO with tool use",
                                 (("pass@1", "held-out pass@1"), (f"pass@{k}", f"held-out pass@{k}")))
-        self.grpo = self._train_stage("grpo", {"sft": self.manifest("sft")}, live, grpo_summary)
+        self.grpo_manifest = self._train_stage("grpo", {"sft": self.sft_manifest}, live, grpo_summary)
         self.next(self.eval)
 
     @card(type="blank", id="eval")
@@ -161,11 +193,12 @@ class FullPipelineFlow(FlowSpec):
         """CORE for the base model, the chat tasks for SFT and RL; the run's report card."""
         from steps import eval as eval_stage
         from flows.cards import eval_card
-        inputs = {name: self.manifest(name) for name in ("tokenizer", "pretrain", "sft", "grpo")}
+        inputs = {"tokenizer": self.tokenizer_manifest, "pretrain": self.pretrain_manifest,
+                  "sft": self.sft_manifest, "grpo": self.grpo_manifest}
         with clear_errors():
-            self.eval = eval_stage.run(self._config(), inputs, self._stage_uri("eval"), git_revision=self.git_revision)
-        for component in eval_card(self.eval):
-            current.card["eval"].append(component)
+            self.eval_manifest = eval_stage.run(self._config(), inputs, self._stage_uri("eval"),
+                                                git_revision=self.git_revision)
+        self._show("eval", eval_card(self.eval_manifest))
         self.next(self.export)
 
     @card(type="blank", id="export")
@@ -174,30 +207,29 @@ class FullPipelineFlow(FlowSpec):
         """The final model as Hugging Face, nanochat, ONNX and LiteRT files, each checked against JAX."""
         from steps import export as export_stage
         from flows.cards import export_card
-        inputs = {name: self.manifest(name) for name in ("pretrain", "sft", "grpo")}
+        inputs = {"pretrain": self.pretrain_manifest, "sft": self.sft_manifest, "grpo": self.grpo_manifest}
         with clear_errors():
-            self.export = export_stage.run(self._config(), inputs, self._stage_uri("export"))
-        for component in export_card(self.export):
-            current.card["export"].append(component)
+            self.export_manifest = export_stage.run(self._config(), inputs, self._stage_uri("export"))
+        self._show("export", export_card(self.export_manifest))
         self.next(self.end)
 
     @step
     def end(self):
-        tok = self.manifest("tokenizer")
+        tok = self.tokenizer_manifest
         m = tok["metrics"]
         print(f"tokenizer: vocab {m['vocab_size']}, {m['bytes_per_token']:.3f} bytes/token -> {tok['uri']}")
-        pt = self.manifest("pretrain")
+        pt = self.pretrain_manifest
         m = pt["metrics"]
-        start = "resumed" if m["val_bpb_initial"] is None else f"{m['val_bpb_initial']:.4f}"
-        print(f"pretrain: val bpb {start} -> {m['val_bpb']:.4f} in {m['steps']} steps -> {pt['checkpoint']['dir']}")
-        m = self.manifest("sft")["metrics"]
-        print(f"sft: held-out loss {_fmt(m['val_loss_initial'])} -> {m['val_loss']:.4f}, greedy accuracy "
-              f"{_fmt(m['greedy_accuracy_initial'])} -> {m['greedy_accuracy']:.3f} in {m['steps']} steps")
-        m = self.manifest("grpo")["metrics"]
-        print(f"grpo: held-out pass@1 {_fmt(m['pass@1_initial'])} -> {m['pass@1']:.3f} in {m['steps']} steps")
-        ev = self.manifest("eval")
+        print(f"pretrain: val bpb {_fmt(m['val_bpb_initial'])} -> {_fmt(m['val_bpb'])} in {m['steps']} steps "
+              f"-> {pt['checkpoint']['dir']}")
+        m = self.sft_manifest["metrics"]
+        print(f"sft: held-out loss {_fmt(m['val_loss_initial'])} -> {_fmt(m['val_loss'])}, greedy accuracy "
+              f"{_fmt(m['greedy_accuracy_initial'])} -> {_fmt(m['greedy_accuracy'])} in {m['steps']} steps")
+        m = self.grpo_manifest["metrics"]
+        print(f"grpo: held-out pass@1 {_fmt(m['pass@1_initial'])} -> {_fmt(m['pass@1'])} in {m['steps']} steps")
+        ev = self.eval_manifest
         print(f"eval: " + ", ".join(f"{k} {v:.4f}" for k, v in ev["metrics"].items()) + f" -> {ev['uri']}/report.md")
-        ex = self.manifest("export")
+        ex = self.export_manifest
         print("export: " + ", ".join(f"{name} {f['status']}" for name, f in ex["formats"].items()) + f" -> {ex['uri']}")
 
 

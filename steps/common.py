@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -21,6 +22,13 @@ from flaxchat.config import ConfigError, PipelineConfig, build_config
 from flaxchat.manifest import read_manifest
 
 StageFn = Callable[[PipelineConfig, dict[str, dict[str, Any]], str], dict[str, Any]]
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute against the working directory (gs:// URIs as they are). Every path
+    a CLI takes goes through here: orbax refuses relative checkpoint paths, and a manifest is read
+    later from other directories and other machines, so it must never record a relative one."""
+    return uri if storage.is_gcs(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
 def stage_uri(artifact_root: str, run_key: str, stage: str) -> str:
@@ -50,10 +58,11 @@ def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="YAML file of config overrides")
     p.add_argument("--set", dest="dotted", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set pretrain.num_steps=20 (repeatable)")
-    p.add_argument("--artifact-root", default=None)
-    p.add_argument("--out", default=None, help="output uri (default: <artifact-root>/standalone-<time>/<stage>)")
+    p.add_argument("--artifact-root", default=None, help="local directory (relative to here) or gs://bucket/prefix")
+    p.add_argument("--out", default=None, help="output uri, a local path (relative to here) or gs:// "
+                   "(default: <artifact-root>/standalone-<time>/<stage>)")
     p.add_argument("--input", action="append", default=[], metavar="STAGE=URI",
-                   help="an upstream stage's output uri (its manifest.json is read)")
+                   help="an upstream stage's output uri, local (relative to here) or gs:// (its manifest.json is read)")
     return p.parse_args(argv)
 
 
@@ -63,14 +72,15 @@ def main(stage: str, run: StageFn, argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(args.preset, depth=args.depth, overrides=load_overrides(args.config),
                            dotted=args.dotted, artifact_root=args.artifact_root)
+        cfg.artifact_root = absolute_uri(cfg.artifact_root)   # recorded in the manifest's config
         inputs = {}
         for item in args.input:
             name, sep, uri = item.partition("=")
             if not sep:
                 raise ConfigError(f"--input {item!r} must look like STAGE=URI")
-            inputs[name] = read_manifest(uri)
+            inputs[name] = read_manifest(absolute_uri(uri))
         out = args.out or stage_uri(cfg.artifact_root, f"standalone-{time.strftime('%Y%m%d-%H%M%S')}", stage)
-        manifest = run(cfg, inputs, out)
+        manifest = run(cfg, inputs, absolute_uri(out))
     except ValueError as exc:  # ConfigError, DataError, ManifestError, TokenizerFormatError …
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,7 @@ def plan_steps(num_steps: int, rl, task_len: int) -> int:
 
 
 def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: str, *,
-        resume_from: str | None = None, extra_sinks: tuple[Callable, ...] = ()) -> dict[str, Any]:
+        resume_from: str | Sequence[str] | None = None, extra_sinks: tuple[Callable, ...] = ()) -> dict[str, Any]:
     rl, tcfg = config.rl, config.grpo
     if tcfg.checkpoint_every % rl.updates_per_batch:
         raise ConfigError(f"grpo.checkpoint_every={tcfg.checkpoint_every} must be a multiple of "
@@ -115,6 +115,7 @@ def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: s
         max_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k, seed=config.seed + 1)
     result = stage.train(loss_fn=grpo_loss_fn(rl.clip_low, rl.clip_high, rl.kl_beta), make_batches=make_batches,
                          loop_cfg=stage.loop_config(probe.num_micro, 0), evaluate=evaluate, sinks=sinks)
+    rollouts[:0] = stage.carried_rollouts()   # the rounds before the checkpoint it resumed from
     k = rl.eval_samples
     p1_before, p1_after = first_and_last(result.evals, "pass@1")
     pk_before, pk_after = first_and_last(result.evals, f"pass@{k}")

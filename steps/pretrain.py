@@ -6,8 +6,9 @@ tokenizer files copied alongside so the model directory is self-contained, `metr
 and the manifest (val bpb before/after, tok/s, MFU, samples).
 
 Resuming: a rerun finds its own checkpoints under `output_uri`; after a Metaflow `resume` the
-flow passes the origin run's checkpoint directory as `resume_from` and training continues from
-its newest good step (writing new checkpoints under this run's `output_uri`).
+flow passes this stage's checkpoint directories in the origin run, its origin, … as `resume_from`
+(nearest first) and training continues from the newest good step found (writing new checkpoints
+under this run's `output_uri`; a final step is adopted there as it is, see `steps/training.py`).
 
     python -m steps.pretrain --preset demo --input tokenizer=/path/to/tokenizer/output --out /tmp/pt
 """
@@ -15,7 +16,7 @@ its newest good step (writing new checkpoints under this run's `output_uri`).
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -57,7 +58,7 @@ def pretrain_loss(model: GPT, batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: str, *,
-        resume_from: str | None = None, extra_sinks: tuple[Callable, ...] = ()) -> dict[str, Any]:
+        resume_from: str | Sequence[str] | None = None, extra_sinks: tuple[Callable, ...] = ()) -> dict[str, Any]:
     tok_manifest = require(inputs, "tokenizer")
     stage = TrainingStage(STAGE, config, config.pretrain, output_uri, resume_from=resume_from,
                           extra_sinks=extra_sinks)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -47,7 +47,7 @@ def plan_steps(num_steps: int, epoch_tokens: int, tokens_per_step: int) -> int:
 
 
 def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: str, *,
-        resume_from: str | None = None, extra_sinks: tuple[Callable, ...] = ()) -> dict[str, Any]:
+        resume_from: str | Sequence[str] | None = None, extra_sinks: tuple[Callable, ...] = ()) -> dict[str, Any]:
     stage = TrainingStage(STAGE, config, config.sft, output_uri, resume_from=resume_from, extra_sinks=extra_sinks)
     tokenizer = stage.open_upstream(require_model_input(inputs, "pretrain"))
     config, tcfg = stage.config, config.sft

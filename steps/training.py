@@ -4,8 +4,10 @@ A training stage differs from the others only in where its model starts (a fresh
 upstream stage's checkpoint), its batches, its loss and its evaluations. Everything else lives
 here, once: distributed init, the mesh, the sharded model and optimizer built from the stage's
 `TrainConfig` section, the sinks (console, JSONL, wandb, the flow's live card), the checkpoint
-store and resume (own checkpoints first, then the origin run's after a Metaflow `resume`), the
-side files (tokenizer copy, metrics) uploaded next to the checkpoints, and the manifest.
+store and resume (own checkpoints first, then each origin run's along a chain of Metaflow
+`resume`s, nearest first), the stage's record carried in every checkpoint (so a resumed stage
+reports its whole run), the side files (tokenizer copy, metrics) uploaded next to the
+checkpoints, and the manifest.
 
     stage = TrainingStage("sft", config, config.sft, output_uri, resume_from, extra_sinks)
     tokenizer = stage.open_upstream(inputs["pretrain"])      # model shape + weights from its manifest
@@ -19,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -82,15 +85,105 @@ def load_stage_tokenizer(manifest: dict[str, Any]) -> Tokenizer:
                           f"rerun that stage (training stages copy the tokenizer beside their checkpoints)")
 
 
+RECORD_KEY = "stage_record"
+
+
+def _json_safe(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+class StageRecord:
+    """What a stage has reported so far (its train log, evals, samples, GRPO rounds), carried in
+    the `meta` of every checkpoint it saves. A resumed stage therefore reports its whole run, not
+    just the part after the resume; one resumed at its final step (it failed after its last
+    checkpoint: in the card, an upload, before the manifest) trains nothing and still has its
+    final numbers, exactly as computed, without evaluating again. A sink: give it every event."""
+
+    KINDS = {"train": "history", "eval": "evals", "sample": "samples", "rollout": "rollouts"}
+    ROLLOUT_EXAMPLES = 3   # GRPO rounds that keep their example rollouts (as the manifest does)
+
+    def __init__(self) -> None:
+        self.carried: dict[str, list[dict[str, Any]]] = {k: [] for k in self.KINDS.values()}
+        self.new: dict[str, list[dict[str, Any]]] = {k: [] for k in self.KINDS.values()}
+        self.restored = False   # a checkpoint with a record was restored
+
+    def __call__(self, kind: str, record: dict[str, Any]) -> None:
+        if kind in self.KINDS:
+            self.new[self.KINDS[kind]].append(record)
+
+    def snapshot(self) -> dict[str, list[dict[str, Any]]]:
+        """Everything so far, as plain JSON (the copy saved with a checkpoint)."""
+        out = {k: self.carried[k] + self.new[k] for k in self.carried}
+        keep = self.ROLLOUT_EXAMPLES
+        out["rollouts"] = ([{k: v for k, v in r.items() if k != "examples"} for r in out["rollouts"][:-keep]]
+                           + out["rollouts"][-keep:])
+        return json.loads(json.dumps(out, default=_json_safe))
+
+    def resume(self, saved: dict[str, Any] | None) -> None:
+        """Continue from a restored checkpoint's record (None: it has none, e.g. an older checkpoint)."""
+        self.carried = {k: list((saved or {}).get(k, [])) for k in self.KINDS.values()}
+        self.new = {k: [] for k in self.KINDS.values()}
+        self.restored = saved is not None
+
+
+class RecordingStore(CheckpointStore):
+    """A CheckpointStore that saves the stage's record in each checkpoint's meta and picks it up
+    from the checkpoint the training loop restores."""
+
+    def __init__(self, directory: str, record: StageRecord, keep: int | None = 3):
+        super().__init__(directory, keep=keep)
+        self.record = record
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        super().save(step, state, {**meta, RECORD_KEY: self.record.snapshot()})
+
+    def restore_latest(self, abstract_state: Any):
+        found = super().restore_latest(abstract_state)
+        if found:
+            self.record.resume(found[2].get(RECORD_KEY))
+        return found
+
+
+def _copy_step(src: str, dst: str) -> None:
+    """Copy a finished checkpoint step directory so that `dst` appears complete or not at all:
+    locally hard links (no bytes copied; a copy across filesystems) into a sibling then a rename;
+    on GCS through a local folder, the checksum file and orbax's commit marker last."""
+    if storage.is_gcs(src) or storage.is_gcs(dst):
+        with tempfile.TemporaryDirectory(prefix="flaxchat-adopt-") as tmp:
+            local = storage.fetch_dir(src, os.path.join(tmp, "step"))
+            storage.publish_dir(local, dst, overwrite=True, last=(CHECKSUMS, "commit_success.txt"))
+        return
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    tmp = f"{os.path.dirname(dst)}.adopting-{os.path.basename(dst)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=link)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.rename(tmp, dst)
+
+
 class TrainingStage:
     """One training stage's wiring; see the module docstring."""
 
     def __init__(self, name: str, config: PipelineConfig, train_cfg: TrainConfig, output_uri: str, *,
-                 resume_from: str | None = None, extra_sinks: tuple[Callable, ...] = ()):
+                 resume_from: str | Sequence[str] | None = None, extra_sinks: tuple[Callable, ...] = ()):
+        """`resume_from`: checkpoint directories to continue from when `output_uri` has none, nearest
+        first (after a Metaflow `resume`: this stage's in the origin run, then in its origin, …)."""
         initialize_distributed()
         self.started = time.time()
+        # orbax wants absolute paths, and the manifest is read from other directories and machines
+        output_uri = output_uri if storage.is_gcs(output_uri) else os.path.abspath(output_uri)
         self.name, self.config, self.train_cfg, self.output_uri = name, config, train_cfg, output_uri
-        self.resume_from, self.extra_sinks = resume_from, tuple(extra_sinks)
+        sources = [resume_from] if isinstance(resume_from, str) else list(resume_from or ())
+        self.resume_from = [s if storage.is_gcs(s) else os.path.abspath(s) for s in sources]
+        self.extra_sinks = tuple(extra_sinks)
+        self.record = StageRecord()
         self.mesh = make_mesh(config.mesh)
         self.upstream: dict[str, Any] | None = None
         self.tokenizer: Tokenizer | None = None
@@ -154,23 +247,81 @@ class TrainingStage:
         if jax.process_index() == 0:
             sinks.append(wandb_sink("flaxchat", f"{self.name}-d{self.config.model.depth}", self.config.to_dict(),
                                     self.local_out))
-        return sinks + list(self.extra_sinks)
+        return sinks + list(self.extra_sinks) + [self.record]
 
     def train(self, *, loss_fn, make_batches, loop_cfg: LoopConfig, evaluate=None, sample=None,
               sinks: list[Sink] | None = None) -> LoopResult:
-        """Run the one training loop with this stage's checkpoint store and resume sources."""
-        sinks = self.sinks() if sinks is None else sinks
+        """Run the one training loop with this stage's checkpoint store and resume sources. The
+        result covers the whole run: what the restored checkpoint carried, then this attempt."""
+        sinks = self.sinks() if sinks is None else list(sinks)
+        if self.record not in sinks:
+            sinks.append(self.record)
         keep = self.train_cfg.keep_checkpoints
-        self.store = CheckpointStore(storage.join(self.output_uri, "checkpoints"), keep=keep)
-        resume = (CheckpointStore(self.resume_from, keep=keep),) if self.resume_from else ()
+        own_dir = storage.join(self.output_uri, "checkpoints")
+        # orbax would create a missing directory: never write into an origin run that has none
+        resume = tuple(RecordingStore(d, self.record, keep=keep) for d in self.resume_from if storage.exists(d))
+        self._adopt_final_checkpoint(own_dir, resume)
+        self.store = RecordingStore(own_dir, self.record, keep=keep)
         try:
             with mesh_context(self.mesh, self.config.mesh.rules):
-                return train(model=self.model, optimizer=self.optimizer, loss_fn=loss_fn, mesh=self.mesh,
-                             make_batches=make_batches, cfg=loop_cfg, store=self.store, resume_stores=resume,
-                             evaluate=evaluate, sample=sample, sinks=tuple(sinks))
+                result = train(model=self.model, optimizer=self.optimizer, loss_fn=loss_fn, mesh=self.mesh,
+                               make_batches=make_batches, cfg=loop_cfg, store=self.store, resume_stores=resume,
+                               evaluate=evaluate, sample=sample, sinks=tuple(sinks))
+                if not self.record.restored and result.resumed_from == result.step:
+                    self._final_eval(result, evaluate, sample, sinks)
         finally:
             for sink in sinks:
                 getattr(sink, "finish", lambda: None)()
+        carried = self.record.carried
+        return dataclasses.replace(result, history=carried["history"] + result.history,
+                                   evals=carried["evals"] + result.evals, samples=carried["samples"] + result.samples)
+
+    def carried_rollouts(self) -> list[dict[str, Any]]:
+        """GRPO rounds reported before the restored checkpoint (the stage collects the rest)."""
+        return list(self.record.carried["rollouts"])
+
+    def _adopt_final_checkpoint(self, own_dir: str, sources: tuple[CheckpointStore, ...]) -> None:
+        """When this output has no checkpoint and the nearest resume source that has any got as far
+        as the FINAL step (the stage failed after training: in its card, an upload, before its
+        manifest), copy that step into this output's checkpoints. The loop then resumes from it in
+        place and trains zero steps, and the manifest names a checkpoint this output really holds:
+        self-contained like an uninterrupted run's, whatever later happens to the origin run's files.
+        (A source whose newest step is earlier is simply resumed from by the loop, which then
+        saves the final step here itself.)"""
+        probe = CheckpointStore(own_dir, keep=self.train_cfg.keep_checkpoints)
+        has_own = bool(probe.steps())
+        probe.close()
+        if has_own:
+            return
+        for source in sources:
+            steps = source.steps()
+            if not steps:
+                continue
+            final = steps[-1]
+            # process 0 checks and copies; a final step that fails its checksums is left to the
+            # loop, which falls back to the previous one and trains the last steps again
+            if final == self.num_steps and jax.process_index() == 0 and source.verify(final) is not False:
+                _copy_step(storage.join(source.directory, str(final)), storage.join(own_dir, str(final)))
+                print(f"{self.name}: the final checkpoint (step {final}) of {source.directory} is complete; "
+                      f"adopted into {own_dir}, nothing left to train", flush=True)
+            break
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"flaxchat-adopt:{own_dir}")
+
+    def _final_eval(self, result: LoopResult, evaluate, sample, sinks: list[Sink]) -> None:
+        """Resumed at the final step from a checkpoint without a record (saved before records
+        existed): evaluate the restored model once, so the manifest still has its final numbers."""
+        if evaluate is not None and not any(e.get("step") == result.step for e in result.evals):
+            record = {"step": result.step, **evaluate(self.model)}
+            result.evals.append(record)
+            for sink in sinks:
+                sink("eval", record)
+        if sample is not None and not result.samples:
+            record = {"step": result.step, "samples": sample(self.model, result.step)}
+            result.samples.append(record)
+            for sink in sinks:
+                sink("sample", record)
 
     # ------------------------------------------------------------------ outputs
     def finish(self, result: LoopResult, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -76,19 +76,30 @@ def _resume(mf_env, origin_id):
     return Flow("FullPipelineFlow")[new_id]
 
 
-def _crashing_run(mf_env, tmp_path, kill: dict, extra: dict | None = None) -> str:
-    """A run whose task SIGKILLs itself (tests/killhook); returns its run id. Started as a plain
-    subprocess with --run-id-file: the Runner API's attribute FIFO can come back empty when a
-    task is killed under load, failing the test for the wrong reason."""
+def _killed(mf_env, tmp_path, kill: dict, args: list[str], id_name: str) -> str:
+    """Run the flow CLI (`run …` or `resume …`) with a task that SIGKILLs itself (tests/killhook);
+    returns the run id. A plain subprocess with --run-id-file: the Runner API's attribute FIFO can
+    come back empty when a task is killed under load, failing the test for the wrong reason."""
     import subprocess
-    id_file = tmp_path / "origin-run-id"
+    id_file = tmp_path / id_name
     env = {**os.environ, **mf_env, **kill, "PYTHONPATH": str(Path(__file__).resolve().parent / "killhook")}
-    proc = subprocess.run([sys.executable, FLOW, "--config", "config", _config_file(tmp_path, extra), "run",
-                           "--preset", "demo", "--artifact-root", str(tmp_path / "art"), "--run-id-file", str(id_file)],
+    proc = subprocess.run([sys.executable, FLOW, *args, "--run-id-file", str(id_file)],
                           cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode != 0, "the run was supposed to be killed"
     return id_file.read_text().strip()
+
+
+def _crashing_run(mf_env, tmp_path, kill: dict, extra: dict | None = None, artifact_root: str | None = None) -> str:
+    """A run whose task SIGKILLs itself; returns its run id."""
+    return _killed(mf_env, tmp_path, kill, ["--config", "config", _config_file(tmp_path, extra), "run", "--preset",
+                                            "demo", "--artifact-root", artifact_root or str(tmp_path / "art")],
+                   "origin-run-id")
+
+
+def _crashing_resume(mf_env, tmp_path, origin_id: str, kill: dict) -> str:
+    """`resume` of `origin_id` whose task SIGKILLs itself; returns the new (failed) run's id."""
+    return _killed(mf_env, tmp_path, kill, ["resume", "--origin-run-id", origin_id], f"resume-of-{origin_id}")
 
 
 def _uninterrupted(stage: str, upstream: str, manifest: dict, tmp_path, extra: dict | None = None) -> dict:
@@ -122,7 +133,7 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     assert {"depth:2", "preset:demo"} <= set(run.tags)
     assert any(t.startswith("git:") for t in run.tags)
 
-    manifest = run["tokenizer"].task.data.tokenizer
+    manifest = run["tokenizer"].task.data.tokenizer_manifest
     assert manifest["stage"] == "tokenizer"
     assert manifest["uri"].startswith(str(tmp_path / "art"))
     assert manifest["config"]["tokenizer"]["vocab_size"] == 400
@@ -138,7 +149,10 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     assert "bytes/token" in shown and "Sample split" in shown
     assert f"{manifest['metrics']['bytes_per_token']:.3f}" in shown
 
-    pre = run["pretrain"].task.data.pretrain
+    pre = run["pretrain"].task.data.pretrain_manifest
+    # artifacts are named <stage>_manifest: none shadows a step method
+    assert {"pretrain_manifest", "tokenizer_manifest"} <= {a.id for a in run["pretrain"].task}
+    assert not {"tokenizer", "pretrain"} & {a.id for a in run["pretrain"].task}
     assert pre["stage"] == "pretrain" and pre["metrics"]["steps"] == 6
     assert pre["metrics"]["val_bpb"] < pre["metrics"]["val_bpb_initial"]
     assert pre["checkpoint"]["step"] == 6
@@ -146,7 +160,7 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     pcard = card_text(get_cards(run["pretrain"].task, id="pretrain")[0].get())
     assert "val bits per byte" in pcard and "step 6/6" in pcard and "Samples" in pcard
 
-    sft = run["sft"].task.data.sft
+    sft = run["sft"].task.data.sft_manifest
     assert sft["stage"] == "sft" and sft["metrics"]["steps"] == 4 and sft["checkpoint"]["step"] == 4
     assert sft["parent"]["uri"] == pre["uri"] and sft["config"]["model"] == pre["config"]["model"]
     assert sft["metrics"]["val_loss"] < sft["metrics"]["val_loss_initial"]
@@ -154,7 +168,7 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     scard = card_text(get_cards(run["sft"].task, id="sft")[0].get())
     assert "held-out loss" in scard and "step 4/4" in scard
 
-    rl = run["grpo"].task.data.grpo
+    rl = run["grpo"].task.data.grpo_manifest
     assert rl["stage"] == "grpo" and rl["metrics"]["steps"] == 4 and rl["parent"]["uri"] == sft["uri"]
     assert {"pass@1", "pass@1_initial", "pass@2", "seed"} <= set(rl["metrics"])
     assert [r["round"] for r in rl["rollouts"]] == [0, 1, 2, 3]
@@ -163,7 +177,7 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     assert "held-out pass@1" in gcard and "tool calls per completion" in gcard and "Rollouts of round" in gcard
 
     # the report card, read back through the client API
-    ev = run["eval"].task.data.eval
+    ev = run["eval"].task.data.eval_manifest
     assert ev["stage"] == "eval" and ev["models"] == {"BASE": pre["uri"], "SFT": sft["uri"], "RL": rl["uri"]}
     report = ev["report"]
     assert set(report["metrics"]) == {"BASE", "SFT", "RL"} and "CORE" in report["metrics"]["BASE"]
@@ -178,7 +192,7 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     assert "Report card" in ecard and "CORE tasks" in ecard and "demo_calc" in ecard and "DemoMath" in ecard
 
     # the export manifest, read back through the client API: the RL model, every format accounted for
-    ex = run["export"].task.data.export
+    ex = run["export"].task.data.export_manifest
     assert ex["stage"] == "export" and ex["source"]["uri"] == rl["uri"] and ex["source"]["step"] == 4
     assert set(ex["formats"]) == {"hf", "nanochat", "onnx", "litert"}
     assert ex["formats"]["nanochat"]["parity"]["round_trip_identical"] is True
@@ -216,7 +230,7 @@ def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
     # a cloned task records the origin task it copies; a rerun task only the origin run
     assert start_meta.get("origin-run-id") == origin_id and "origin-task-id" in start_meta
     assert tok_meta.get("origin-run-id") == origin_id and "origin-task-id" not in tok_meta
-    manifest = run["tokenizer"].task.data.tokenizer
+    manifest = run["tokenizer"].task.data.tokenizer_manifest
     # a rerun stage writes under its own run id, never into the origin run's outputs
     assert f"/{new_id}/tokenizer" in manifest["uri"]
 
@@ -238,13 +252,13 @@ def test_killed_pretrain_resumes_from_the_origin_checkpoint(mf_env, tmp_path):
     run = _resume(mf_env, origin_id)
     new_id = run.id
     assert "origin-task-id" in {m.name for m in run["tokenizer"].task.metadata}   # cloned
-    pre = run["pretrain"].task.data.pretrain
+    pre = run["pretrain"].task.data.pretrain_manifest
     assert pre["metrics"]["resumed_from_step"] >= 2      # saves at 2 and 4 began before the kill
     assert pre["metrics"]["steps"] == 6
     assert f"/{new_id}/pretrain" in pre["uri"]
 
     # the same stage, never interrupted, from the same tokenizer output and config
-    reference = _uninterrupted("pretrain", "tokenizer", run["tokenizer"].task.data.tokenizer, tmp_path)
+    reference = _uninterrupted("pretrain", "tokenizer", run["tokenizer"].task.data.tokenizer_manifest, tmp_path)
     assert pre["metrics"]["params_sha256"] == reference["metrics"]["params_sha256"]
 
 
@@ -259,9 +273,141 @@ def test_killed_grpo_resumes_from_its_checkpoint_to_the_uninterrupted_params(mf_
     for cloned in ("tokenizer", "pretrain", "sft"):
         assert "origin-task-id" in {m.name for m in run[cloned].task.metadata}, cloned
     assert "origin-task-id" not in {m.name for m in run["grpo"].task.metadata}
-    rl = run["grpo"].task.data.grpo
+    rl = run["grpo"].task.data.grpo_manifest
     assert rl["metrics"]["resumed_from_step"] in (2, 4) and rl["metrics"]["steps"] == 6
     assert f"/{run.id}/grpo" in rl["uri"]
 
-    reference = _uninterrupted("grpo", "sft", run["sft"].task.data.sft, tmp_path, six)
+    reference = _uninterrupted("grpo", "sft", run["sft"].task.data.sft_manifest, tmp_path, six)
     assert rl["metrics"]["params_sha256"] == reference["metrics"]["params_sha256"]
+
+
+
+def test_resume_after_the_final_checkpoint_adopts_it_with_the_origin_parameters(mf_env, tmp_path):
+    """The pretrain task dies after its final checkpoint landed, before its manifest (as when the
+    card or an upload fails). `resume` clones start and tokenizer (not rerun, the origin's
+    parameters kept), and pretrain trains nothing: it copies the origin's final checkpoint into
+    its own output and writes a complete manifest (metrics carried in the checkpoint) that names
+    it; the rest of the pipeline runs on it. A relative --artifact-root lands under the directory
+    the run was started from, and the manifests record it absolute."""
+    from metaflow import Flow
+
+    from flaxchat.manifest import verify_files
+
+    origin_id = _crashing_run(mf_env, tmp_path, {"KILL_MODE": "manifest", "KILL_STAGE": "pretrain"},
+                              artifact_root="art-final")
+    art = Path(mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"]) / "art-final" / "FullPipelineFlow"
+    origin_out = art / origin_id / "pretrain"
+    assert (origin_out / "checkpoints" / "6").is_dir() and not (origin_out / "manifest.json").exists()
+
+    run = _resume(mf_env, origin_id)
+    origin = Flow("FullPipelineFlow")[origin_id]
+    # cloned, not rerun: Metaflow records the origin task, the artifacts are the origin's own
+    # (same creation time), and nothing was written under the new run for them
+    for name in ("start", "tokenizer"):
+        meta = run[name].task.metadata_dict
+        assert meta.get("origin-run-id") == origin_id and meta.get("origin-task-id") == origin[name].task.id, name
+    assert run["tokenizer"].task.data.tokenizer_manifest == origin["tokenizer"].task.data.tokenizer_manifest
+    assert not (art / run.id / "tokenizer").exists()
+    # the origin's parameters and config, as seen by a step that did run again
+    pre_task = run["pretrain"].task
+    assert "origin-task-id" not in pre_task.metadata_dict
+    for param in ("preset", "depth", "artifact_root"):
+        assert getattr(pre_task.data, param) == getattr(origin["start"].task.data, param), param
+    assert pre_task.data.artifact_root == "art-final"
+    assert pre_task.data.pipeline_config == origin["start"].task.data.pipeline_config
+
+    pre = pre_task.data.pretrain_manifest
+    assert pre["uri"] == str(art / run.id / "pretrain")
+    assert pre["checkpoint"] == {"dir": str(art / run.id / "pretrain" / "checkpoints"), "step": 6}
+    assert (Path(pre["checkpoint"]["dir"]) / "6" / "state").is_dir()
+    assert any(p.startswith("checkpoints/6/") for p in pre["files"])
+    verify_files(pre)
+    m = pre["metrics"]
+    assert m["steps"] == 6 and m["resumed_from_step"] == 6
+
+    # the same numbers as the stage run without interruption: nothing was trained again
+    reference = _uninterrupted("pretrain", "tokenizer", run["tokenizer"].task.data.tokenizer_manifest, tmp_path)
+    r = reference["metrics"]
+    for key in ("params_sha256", "val_bpb", "val_bpb_initial", "final_loss"):
+        assert m[key] == r[key], key
+    assert [h["loss"] for h in pre["history"]] == [h["loss"] for h in reference["history"]]
+    assert pre["evals"] == reference["evals"]
+    assert run["sft"].task.data.sft_manifest["parent"]["uri"] == pre["uri"]
+
+
+def test_chained_resume_finds_the_newest_checkpoint_along_the_origins(mf_env, tmp_path):
+    """Run A dies mid-pretrain after checkpoints; B (resume of A) dies before its first checkpoint;
+    C (resume of B) must continue from A's newest checkpoint, not from step 0, and end at the
+    uninterrupted parameters, reporting the whole run (A's step-0 evaluation included)."""
+    a = _crashing_run(mf_env, tmp_path, {"KILL_MODE": "batch:6", "KILL_STAGE": "pretrain"})
+    a_steps = [int(p.name) for p in (tmp_path / "art" / "FullPipelineFlow" / a / "pretrain" / "checkpoints").iterdir()
+               if p.name.isdigit()]
+    assert a_steps and max(a_steps) >= 2
+    b = _crashing_resume(mf_env, tmp_path, a, {"KILL_MODE": "batch:1", "KILL_STAGE": "pretrain"})
+    b_ckpts = tmp_path / "art" / "FullPipelineFlow" / b / "pretrain" / "checkpoints"
+    assert not (b_ckpts.exists() and any(p.name.isdigit() for p in b_ckpts.iterdir()))
+
+    run = _resume(mf_env, b)
+    assert run["pretrain"].task.metadata_dict.get("origin-run-id") == b
+    assert f"runs {b}, {a} (nearest first)" in run["pretrain"].task.stdout
+    pre = run["pretrain"].task.data.pretrain_manifest
+    assert pre["metrics"]["resumed_from_step"] == max(a_steps) and pre["metrics"]["steps"] == 6
+    assert f"/{run.id}/pretrain" in pre["uri"]
+    assert pre["evals"][0]["step"] == 0 and pre["metrics"]["val_bpb_initial"] is not None
+
+    reference = _uninterrupted("pretrain", "tokenizer", run["tokenizer"].task.data.tokenizer_manifest, tmp_path)
+    assert pre["metrics"]["params_sha256"] == reference["metrics"]["params_sha256"]
+    assert pre["metrics"]["val_bpb_initial"] == reference["metrics"]["val_bpb_initial"]
+
+
+def test_stage_clis_take_relative_paths(tmp_path):
+    """As a new user types them, from their own directory: every --out / --input / --model relative."""
+    import subprocess
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["cache_dir"] = "cache"
+    cfg["pretrain"]["num_steps"] = 2
+    cfg["sft"]["num_steps"] = 2
+    sets = sum((["--set", f"{section}.{key}={value}"] for section, values in cfg.items()
+                for key, value in values.items()), [])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (args, proc.stderr[-2000:])
+        return proc.stdout
+
+    cli("steps.tokenizer", "--out", "tok", *sets)
+    cli("steps.pretrain", "--input", "tokenizer=tok", "--out", "runs/pt", *sets)
+    manifest = json.loads((tmp_path / "runs" / "pt" / "manifest.json").read_text())
+    assert manifest["uri"] == str(tmp_path / "runs" / "pt")                      # recorded absolute
+    assert manifest["checkpoint"]["dir"] == str(tmp_path / "runs" / "pt" / "checkpoints")
+    assert manifest["tokenizer_uri"] == str(tmp_path / "tok")
+    reply = cli("steps.chat", "--model", "runs/pt", "-p", "Once upon a time", "--max-tokens", "4")
+    assert reply.strip()
+    cli("steps.sft", "--input", "pretrain=runs/pt", "--out", "runs/sft", *sets)    # orbax reads the relative input
+    assert json.loads((tmp_path / "runs" / "sft" / "manifest.json").read_text())["parent"]["uri"] == manifest["uri"]
+
+
+def test_final_checkpoint_without_a_record_is_adopted_and_evaluated_again(tmp_path, monkeypatch):
+    """A final checkpoint saved before checkpoints carried the stage's record (older code) is
+    still adopted, and the final evaluation is recomputed, so the manifest has its numbers."""
+    from flaxchat.checkpoint import CheckpointStore
+    from flaxchat.config import build_config
+    from steps import pretrain, tokenizer
+    from steps.training import RecordingStore
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    config = build_config("demo", overrides=cfg)
+    tok = tokenizer.run(config, {}, str(tmp_path / "tok"))
+    with monkeypatch.context() as patch:
+        patch.setattr(RecordingStore, "save", CheckpointStore.save)    # checkpoints as older code saved them
+        first = pretrain.run(config, {"tokenizer": tok}, str(tmp_path / "a"))
+    again = pretrain.run(config, {"tokenizer": tok}, str(tmp_path / "b"), resume_from=str(tmp_path / "a" / "checkpoints"))
+    m, want = again["metrics"], first["metrics"]
+    assert m["resumed_from_step"] == 6 and again["checkpoint"] == {"dir": str(tmp_path / "b" / "checkpoints"), "step": 6}
+    assert (tmp_path / "b" / "checkpoints" / "6" / "state").is_dir()
+    assert m["params_sha256"] == want["params_sha256"]
+    assert m["val_bpb"] == pytest.approx(want["val_bpb"], rel=1e-6) and m["val_bpb_initial"] is None
+    assert again["samples"] and again["samples"][0]["step"] == 6

@@ -5,6 +5,9 @@ Put this directory on PYTHONPATH (Python imports `sitecustomize` at start-up) to
 
 KILL_MODE=batch:N  -> die while assembling the N-th optimizer step's batch (mid-training)
 KILL_MODE=save:N   -> die right after the async save of step N was started (write in flight)
+KILL_MODE=manifest -> die as the stage is about to write its manifest: its final checkpoint has
+                      landed (the loop waits for it), nothing after it has happened (as when the
+                      card or an upload fails after training)
 KILL_STAGE=NAME    -> only in a process whose command line names NAME (a Metaflow task of that step)
 """
 
@@ -16,13 +19,12 @@ if os.environ.get("KILL_MODE") and os.environ.get("KILL_STAGE", sys.argv[0]) in 
     import signal
 
     mode, _, arg = os.environ["KILL_MODE"].partition(":")
-    target = int(arg)
 
     def _die() -> None:
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    from flaxchat import checkpoint
+    from flaxchat import checkpoint, manifest
     from flaxchat.train import loop
 
     if mode == "save":
@@ -30,7 +32,7 @@ if os.environ.get("KILL_MODE") and os.environ.get("KILL_STAGE", sys.argv[0]) in 
 
         def _save(self, step, state, meta):
             _real_save(self, step, state, meta)
-            if step == target:
+            if step == int(arg):
                 _die()
 
         checkpoint.CheckpointStore.save = _save
@@ -40,10 +42,13 @@ if os.environ.get("KILL_MODE") and os.environ.get("KILL_STAGE", sys.argv[0]) in 
 
         def _global(batch, mesh):
             _calls["n"] += 1
-            if _calls["n"] == target:
+            if _calls["n"] == int(arg):
                 _die()
             return _real_global(batch, mesh)
 
         loop._global = _global
+    elif mode == "manifest":
+        # patched before any stage module imports it by name
+        manifest.write_manifest = lambda _manifest: _die()
     else:
         raise SystemExit(f"unknown KILL_MODE {mode!r}")
