@@ -12,6 +12,7 @@ optional (hf, nanochat), while onnx and litert need their converters to write at
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -45,6 +46,11 @@ class ExportModel:
         # fp32 on CPU with the plain XLA attention: what every exporter can trace
         cfg = dataclasses.replace(self.model_config, compute_dtype="float32", attention_impl="xla", remat="none")
         return ModelSpec.from_config(cfg, backend="cpu")
+
+    @functools.cached_property
+    def reference(self) -> parity.LogitsFn:
+        """The JAX forward every format is compared with: one jitted function shared by all checkers."""
+        return parity.jax_logits_fn(self.params, self.spec)
 
 
 def _need(module: str, extra: str) -> None:
@@ -138,10 +144,10 @@ def check_format(name: str, m: ExportModel, out: str, cfg, prompt: list[int]) ->
     """Parity figures for one written format, or {"skipped": reason} when its runtime is missing."""
     spec = m.spec
     if name == "nanochat":
-        from flaxchat.export.nanochat_format import read_checkpoint, read_tokenizer
-        from flaxchat.export.nanochat_format import STAGE_DIRS
-        params, _, _ = read_checkpoint(os.path.join(out, STAGE_DIRS[m.stage], f"d{m.model_config.depth}"), m.step)
         import jax
+
+        from flaxchat.export.nanochat_format import STAGE_DIRS, read_checkpoint, read_tokenizer
+        params, _, _ = read_checkpoint(os.path.join(out, STAGE_DIRS[m.stage], f"d{m.model_config.depth}"), m.step)
         same = all(np.array_equal(a, np.asarray(b, np.float32)) for a, b in
                    zip(jax.tree.leaves(params), jax.tree.leaves(m.params)))
         tok = read_tokenizer(os.path.join(out, "tokenizer"))
@@ -152,5 +158,5 @@ def check_format(name: str, m: ExportModel, out: str, cfg, prompt: list[int]) ->
     except FormatUnavailable as exc:
         return {"skipped": str(exc)}
     fixed = litert_len(m, cfg) if name == "litert" else None
-    return parity.check(name, fn, parity.jax_logits_fn(m.params, spec), parity.probe_ids(spec), prompt,
+    return parity.check(name, fn, m.reference, parity.probe_ids(spec), prompt,
                         cfg.parity_new_tokens, cfg.parity_rtol, fixed_len=fixed)
