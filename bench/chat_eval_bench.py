@@ -26,9 +26,9 @@ from flax import nnx
 
 from flaxchat.config import build_config
 from flaxchat.data.demo_corpus import generate_documents
-from flaxchat.engine import Engine
+from flaxchat.inference.engine import Engine
 from flaxchat.eval.chat_eval import categorical_accuracy, compile_counts, generative_accuracy
-from flaxchat.model import GPT
+from flaxchat.model.gpt import GPT
 from flaxchat.tasks.demo import DemoMath
 from flaxchat.tasks.demo_choice import DemoChoice
 from flaxchat.tokenizer import Tokenizer

@@ -5,7 +5,7 @@ background thread (after), at d12 size, in one run.
     uv run python bench/checkpoint_bench.py --quick         # d4, a smoke test (~30 s)
 
 What is saved is exactly what the training loop saves: `checkpoint_state(model, optimizer)` of the
-real depth-12 GPT (flaxchat.model's init, vocab 32768) and its Muon+AdamW optimizer, built sharded
+real depth-12 GPT (flaxchat.model.gpt's init, vocab 32768) and its Muon+AdamW optimizer, built sharded
 on the local device, with N(0, 0.02) noise added to every float leaf (a fresh optimizer's zero
 moments would compress to almost nothing on disk; a trained state's do not; --fresh skips it),
 plus a loader-position `meta`, through `CheckpointStore` (orbax async save,
@@ -38,7 +38,7 @@ from flax import nnx
 from flaxchat.checkpoint import CheckpointStore
 from flaxchat.config import MeshConfig, ModelConfig, TrainConfig
 from flaxchat.mesh import create_sharded, create_sharded_optimizer, make_mesh, mesh_context
-from flaxchat.model import GPT
+from flaxchat.model.gpt import GPT
 from flaxchat.optim import build_optimizer
 from flaxchat.train.loop import checkpoint_state
 

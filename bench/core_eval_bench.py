@@ -29,7 +29,7 @@ from flaxchat.config import build_config
 from flaxchat.data.demo_corpus import generate_documents
 from flaxchat.eval import core
 from flaxchat.eval.bundle import CoreTask
-from flaxchat.model import GPT
+from flaxchat.model.gpt import GPT
 from flaxchat.tokenizer import Tokenizer
 
 

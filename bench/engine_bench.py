@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from flaxchat.config import ModelConfig
-from flaxchat.engine import Engine
+from flaxchat.inference.engine import Engine
 from flaxchat.tokenizer_specials import SPECIAL_TOKENS
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
@@ -48,7 +48,7 @@ class StubTokenizer:
 
 
 def build(depth: int, vocab: int, seq: int, dtype: str):
-    from flaxchat.model import GPT
+    from flaxchat.model.gpt import GPT
     cfg = ModelConfig(depth=depth, vocab_size=vocab, sequence_len=seq, compute_dtype=dtype)
     cfg.derive()
     return GPT(cfg, nnx.Rngs(depth))

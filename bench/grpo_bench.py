@@ -48,12 +48,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sft_bench import (WORKDIR, build_trainer, demo_config, demo_tokenizer, sft_loader,  # noqa: E402
                        stacked, time_steps)
 
-import flaxchat.engine as engine_mod  # noqa: E402
+import flaxchat.inference.engine as engine_mod  # noqa: E402
 from flaxchat.calculator import use_calculator  # noqa: E402
 from flaxchat.config import PipelineConfig  # noqa: E402
 from flaxchat.data.conversations import write_conversation_shards  # noqa: E402
-from flaxchat.engine import Engine  # noqa: E402
-from flaxchat.model import GPT  # noqa: E402
+from flaxchat.inference.engine import Engine  # noqa: E402
+from flaxchat.model.gpt import GPT  # noqa: E402
 from flaxchat.rl.objective import grpo_loss_fn  # noqa: E402
 from flaxchat.rl.rollouts import RolloutSource  # noqa: E402
 from flaxchat.tasks.demo import DemoMath  # noqa: E402
@@ -105,7 +105,7 @@ def trained_policy(cfg: PipelineConfig, workdir: str, steps: int, rows: int, pro
 
 # ---------------------------------------------------------------------- instrumentation
 class ToolCounter:
-    """Counts the engine's tool runs (and calculator refusals) by wrapping flaxchat.engine.run_tool."""
+    """Counts the engine's tool runs (and calculator refusals) by wrapping flaxchat.inference.engine.run_tool."""
 
     def __init__(self):
         self.calls = self.sandbox = 0

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from flaxchat.config import ModelConfig
-from flaxchat.model import GPT, gpt_forward
+from flaxchat.model.gpt import GPT, gpt_forward
 
 VOCAB, SEQ, BATCH = 8192, 512, 4
 

@@ -12,7 +12,7 @@ Measured on one H100 80GB (jax 0.11.2, cudnn attention, T=2048, vocab 32768; no 
 
 Each configuration builds the model at vocab 32768, jits value_and_grad of the mean loss over
 random tokens (the optimizer update is not included: this measures the model), warms up, then
-times `--steps` steps. MFU uses nanochat's FLOPs/token (flaxchat.flops.estimate_flops) against the
+times `--steps` steps. MFU uses nanochat's FLOPs/token (flaxchat.model.flops.estimate_flops) against the
 dense bf16 peak of `device_kind`. A check line compares the loss of each attention implementation
 against xla on the same batch, so a kernel that silently ignores the window would show up.
 """
@@ -32,8 +32,8 @@ import numpy as np
 from flax import nnx
 
 from flaxchat.config import ModelConfig
-from flaxchat.flops import estimate_flops, mfu, param_counts
-from flaxchat.model import GPT, gpt_forward
+from flaxchat.model.flops import estimate_flops, mfu, param_counts
+from flaxchat.model.gpt import GPT, gpt_forward
 
 
 def peak_memory_gb(device) -> float:

@@ -20,9 +20,9 @@ import numpy as np
 from flax import nnx
 
 from flaxchat.config import MeshConfig, ModelConfig, TrainConfig
-from flaxchat.flops import estimate_flops, mfu
+from flaxchat.model.flops import estimate_flops, mfu
 from flaxchat.mesh import create_sharded, create_sharded_optimizer, make_mesh, mesh_context
-from flaxchat.model import GPT
+from flaxchat.model.gpt import GPT
 from flaxchat.optim import build_optimizer
 from flaxchat.train.loop import _global, make_train_step
 

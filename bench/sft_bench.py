@@ -42,7 +42,7 @@ from flaxchat.data.conversations import conversation_encoder, write_conversation
 from flaxchat.data.demo_corpus import generate_documents
 from flaxchat.data.loader import PackedLoader
 from flaxchat.mesh import create_sharded, create_sharded_optimizer, make_mesh, mesh_context
-from flaxchat.model import GPT
+from flaxchat.model.gpt import GPT
 from flaxchat.optim import build_optimizer
 from flaxchat.tasks.mixtures import sft_train_mixture, sft_val_mixture
 from flaxchat.tokenizer import Tokenizer

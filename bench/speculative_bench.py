@@ -30,7 +30,7 @@ from flaxchat import storage
 from flaxchat.chat.loading import load_chat_model
 from flaxchat.config import build_config
 from flaxchat.data.sources import iter_documents
-from flaxchat.engine import Engine
+from flaxchat.inference.engine import Engine
 from flaxchat.manifest import MANIFEST_NAME, read_manifest
 
 

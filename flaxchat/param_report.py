@@ -4,7 +4,7 @@
     uv run python -m flaxchat.param_report --depths 8 26 --vocab 65536
 
 Counts are read off the model's own (abstract, allocation-free) parameters and checked against
-nanochat's formula (flaxchat.flops.param_counts). The layout keeps nanochat's exact count: value
+nanochat's formula (flaxchat.model.flops.param_counts). The layout keeps nanochat's exact count: value
 embeddings are one (n_ve, V, kv) table for the n_ve = ceil(L/2) alternating layers, ve_gate is
 (n_ve, 12, Hkv), and smear_gate (24x1) + smear_lambda + backout_lambda + the two per-layer lambda
 vectors are the "scalars" group. So d24 has nanochat's 1,384,122,122 parameters ("1.38B"), of which
@@ -19,8 +19,8 @@ import jax
 from flax import nnx
 
 from flaxchat.config import ModelConfig
-from flaxchat.flops import estimate_flops, num_matmul_params, param_counts
-from flaxchat.model import GPT
+from flaxchat.model.flops import estimate_flops, num_matmul_params, param_counts
+from flaxchat.model.gpt import GPT
 
 GROUPS = ("wte", "value_embeds", "lm_head", "transformer_matrices", "scalars", "total")
 

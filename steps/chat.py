@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None, *, engine_factory: Callable[..., Any] | 
         loaded = load_chat_model(args.model, verify=not args.no_verify)
         draft = load_chat_model(args.draft, verify=not args.no_verify).model if args.draft else None
         if engine_factory is None:
-            from flaxchat.engine import Engine
+            from flaxchat.inference.engine import Engine
 
             def engine_factory(model: Any, tokenizer: Any, max_len: int, draft: Any = None) -> Any:
                 return Engine(model, tokenizer, max_len=max_len, draft=draft, spec_k=args.spec_k)

@@ -23,7 +23,7 @@ from flaxchat import storage
 from flaxchat.chat.loading import load_chat_model
 from flaxchat.config import PipelineConfig
 from flaxchat.eval.report import ROWS, STAGE_OF_ROW, build_report, render_markdown
-from flaxchat.flops import param_counts
+from flaxchat.model.flops import param_counts
 from flaxchat.manifest import ManifestError, build_manifest, write_manifest
 
 STAGE = "eval"

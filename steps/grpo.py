@@ -27,7 +27,7 @@ from flax import nnx
 
 from flaxchat.chat_format import render_for_completion
 from flaxchat.config import ConfigError, PipelineConfig
-from flaxchat.engine import Engine
+from flaxchat.inference.engine import Engine
 from flaxchat.rl.objective import grpo_loss_fn, sequence_logprobs
 from flaxchat.rl.rollouts import RolloutSource
 from flaxchat.tasks.mixtures import rl_eval_task, rl_train_task

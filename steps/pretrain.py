@@ -24,7 +24,7 @@ import numpy as np
 from flaxchat.config import PipelineConfig
 from flaxchat.data.loader import PackedLoader, Prefetcher
 from flaxchat.manifest import require
-from flaxchat.model import GPT
+from flaxchat.model.gpt import GPT
 from flaxchat.optim import plan_training
 from flaxchat.tokenizer import Tokenizer
 from flaxchat import storage

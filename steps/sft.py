@@ -26,7 +26,7 @@ import jax
 from flaxchat.config import PipelineConfig
 from flaxchat.data.conversations import conversation_encoder, count_tokens, write_conversation_shards
 from flaxchat.data.loader import PackedLoader, Prefetcher
-from flaxchat.engine import Engine
+from flaxchat.inference.engine import Engine
 from flaxchat.tasks.mixtures import rl_eval_task, sft_train_mixture, sft_val_mixture
 from flaxchat.train.evaluate import make_bpb_evaluator
 from flaxchat.train.generative import make_generative_evaluator

@@ -34,10 +34,10 @@ from flaxchat import storage
 from flaxchat.checkpoint import CHECKSUMS, CheckpointError, CheckpointStore, restore_model_subtree, tree_digest
 from flaxchat.config import PipelineConfig, TrainConfig
 from flaxchat.distributed import initialize_distributed
-from flaxchat.flops import estimate_flops
+from flaxchat.model.flops import estimate_flops
 from flaxchat.manifest import ManifestError, build_manifest, write_manifest
 from flaxchat.mesh import create_sharded, create_sharded_optimizer, make_mesh, mesh_context
-from flaxchat.model import GPT
+from flaxchat.model.gpt import GPT
 from flaxchat.optim import build_optimizer, lr_multiplier
 from flaxchat.optim.schedules import ScheduleConfig
 from flaxchat.tokenizer import Tokenizer

@@ -38,7 +38,7 @@ def tiny_model_config():
 def tiny_model_factory(seed: int = SEED):
     from flax import nnx
 
-    from flaxchat.model import GPT
+    from flaxchat.model.gpt import GPT
     cfg = tiny_model_config()
     return lambda: GPT(cfg, nnx.Rngs(seed))
 

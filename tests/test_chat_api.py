@@ -297,7 +297,7 @@ def stage_dir(tmp_path_factory, tokenizer):
     from flaxchat.checkpoint import CheckpointStore
     from flaxchat.config import ModelConfig, PipelineConfig
     from flaxchat.manifest import build_manifest, write_manifest
-    from flaxchat.model import GPT
+    from flaxchat.model.gpt import GPT
     from flaxchat.train.loop import checkpoint_state
 
     root = tmp_path_factory.mktemp("stage") / "pretrain"
@@ -379,9 +379,9 @@ def test_load_chat_model_errors(stage_dir, tmp_path):
 def test_real_engine_streams_through_the_app(stage_dir):
     """The real Engine + a tiny random GPT behind the app: the SSE text equals a direct decode."""
     try:
-        from flaxchat.engine import Engine
+        from flaxchat.inference.engine import Engine
     except Exception as exc:  # noqa: BLE001 - any import failure means the engine is not usable yet
-        pytest.skip(f"flaxchat.engine is not importable ({type(exc).__name__}: {exc})")
+        pytest.skip(f"flaxchat.inference.engine is not importable ({type(exc).__name__}: {exc})")
     from flaxchat.chat import stop_token_ids
     from flaxchat.chat.loading import load_chat_model
 

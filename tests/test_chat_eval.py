@@ -147,7 +147,7 @@ def varied_task(n):
 
 def reference_picks(model, tok, task):
     """All prompts in one (n, 256) forward; each row's letters compared at its last position by hand."""
-    from flaxchat.model import gpt_forward
+    from flaxchat.model.gpt import gpt_forward
     prompts = [render_for_completion(tok, task.example(i)) for i in range(len(task))]
     idx = np.zeros((len(prompts), model.spec.sequence_len), np.int32)
     for r, p in enumerate(prompts):
@@ -261,7 +261,7 @@ def test_grading_exception_is_an_eval_error_naming_task_and_index(tok):
 
 @pytest.fixture(scope="module")
 def engine256(gpt256):
-    from flaxchat.engine import Engine
+    from flaxchat.inference.engine import Engine
     model, tok = gpt256
     return Engine(model, tok)                    # shared: its loop compiles once per batch bucket
 

@@ -18,7 +18,7 @@ import pytest
 
 from flaxchat.eval import core
 from flaxchat.eval.bundle import CoreTask, EvalError, load_core_bundle, read_bundle_dir
-from flaxchat.model import gpt_forward
+from flaxchat.model.gpt import gpt_forward
 from tests.tiny_models import MAX_LEN, TinyModel, tiny_tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "to", "a", "big", "red"]

@@ -1,4 +1,4 @@
-"""The cached decode path (flaxchat.kv_cache) equals the full forward pass.
+"""The cached decode path (flaxchat.model.kv_cache) equals the full forward pass.
 
 Every feature that touches the cache is live: random non-zero output projections, smear lambda and
 gate, backout, value embeddings, GQA (4 query heads over 2 kv heads), and each window pattern, with
@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from flaxchat.config import ModelConfig
-from flaxchat.kv_cache import KVCache, init_cache, jit_decode
-from flaxchat.model import GPT, gpt_forward
+from flaxchat.model.kv_cache import KVCache, init_cache, jit_decode
+from flaxchat.model.gpt import GPT, gpt_forward
 
 
 @pytest.fixture(autouse=True)

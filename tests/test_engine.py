@@ -1,4 +1,4 @@
-"""flaxchat.engine: batched generation, sampling controls, stop tokens, one compile per bucket, tool use.
+"""flaxchat.inference.engine: batched generation, sampling controls, stop tokens, one compile per bucket, tool use.
 
 Models are tiny random GPTs (depth 2, n_embd 64) with weights scaled up so logits are far from ties
 and every cached-path feature (smear, backout, value embeddings) is live; the vocabulary is a tiny
@@ -7,7 +7,7 @@ BPE tokenizer trained in a fixture.
 
 import pytest
 
-from flaxchat.engine import Engine, run_tool
+from flaxchat.inference.engine import Engine, run_tool
 from tiny_models import MAX_LEN, TinyModel, tiny_tokenizer
 
 

@@ -2,7 +2,7 @@
 
 An export directory is written by hand (nanochat's state dict as model.safetensors, config.json from
 hf_config_dict, the two modeling files), loaded with AutoModelForCausalLM(trust_remote_code=True),
-and compared with flaxchat.model.gpt_forward (logits) and flaxchat.kv_cache (greedy decode) on tiny
+and compared with flaxchat.model.gpt.gpt_forward (logits) and flaxchat.model.kv_cache (greedy decode) on tiny
 random models where every feature is live: smear, backout, value embeddings, resid/x0 lambdas, a
 padded vocab, GQA, and a short window (16) shorter than the sequences.
 """
@@ -26,8 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 from flaxchat.config import ModelConfig  # noqa: E402
 from flaxchat.export import layout  # noqa: E402
 from flaxchat.export.hf_config import MODELING_FILES, hf_config_dict  # noqa: E402
-from flaxchat.kv_cache import decode, init_cache  # noqa: E402
-from flaxchat.model import ModelSpec, gpt_forward, init_params  # noqa: E402
+from flaxchat.model.kv_cache import decode, init_cache  # noqa: E402
+from flaxchat.model.gpt import ModelSpec, gpt_forward, init_params  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flaxchat.export.litert_export import LiteRTModel, LiteRTUnavailable, export_litert, litert_greedy
-from flaxchat.model import gpt_forward
+from flaxchat.model.gpt import gpt_forward
 
 VOCAB = 300
 SEQ_LEN = 48

@@ -19,7 +19,7 @@ from flaxchat.config import ConfigError, ModelConfig, build_config
 from flaxchat.export import layout
 from flaxchat.export.nanochat_format import STAGE_DIRS, read_checkpoint, read_tokenizer, write_checkpoint
 from flaxchat.manifest import read_manifest, verify_files
-from flaxchat.model import ModelSpec, init_params
+from flaxchat.model.gpt import ModelSpec, init_params
 from tiny_models import tiny_tokenizer
 
 

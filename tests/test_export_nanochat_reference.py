@@ -26,7 +26,7 @@ sys.path.insert(0, SRC)
 
 from flaxchat.export import parity  # noqa: E402
 from flaxchat.export.nanochat_format import write_checkpoint  # noqa: E402
-from flaxchat.model import ModelSpec  # noqa: E402
+from flaxchat.model.gpt import ModelSpec  # noqa: E402
 from test_export_nanochat import random_params, tiny_config  # noqa: E402
 from tiny_models import tiny_tokenizer  # noqa: E402
 

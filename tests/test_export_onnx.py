@@ -21,8 +21,8 @@ import pytest
 from flaxchat.config import ModelConfig
 from flaxchat.export import onnx_export
 from flaxchat.export.onnx_export import DECODER_FILE, MODEL_FILE, OnnxRunner, OnnxUnavailable, export_onnx, onnx_greedy
-from flaxchat.kv_cache import init_cache, jit_decode
-from flaxchat.model import ModelSpec, gpt_forward, init_params
+from flaxchat.model.kv_cache import init_cache, jit_decode
+from flaxchat.model.gpt import ModelSpec, gpt_forward, init_params
 
 VOCAB = 301          # not a multiple of 64: the padded lm_head columns must be sliced off
 WINDOWS = (4, 64, 7)  # layers 0 and 2 see 5 and 8 keys; layer 1 is full causal
@@ -113,7 +113,7 @@ def test_decoder_steps_equal_full_forward(exported):
     cache = runner.init_cache(2, 24)
     logits, cache = runner.decode(cache, ids[:, :6])                 # prefill a chunk
     assert rel_err(logits, want[:, :6]) <= RTOL
-    # the cache the graph wrote equals flaxchat.kv_cache.decode's (the re-expressed write is exact)
+    # the cache the graph wrote equals flaxchat.model.kv_cache.decode's (the re-expressed write is exact)
     _, ref = jit_decode(spec)(params, init_cache(spec, 2, 24), jnp.asarray(ids[:, :6], jnp.int32))
     for name, field in (("k_cache", ref.k), ("v_cache", ref.v), ("pos", ref.pos), ("prev_embed", ref.prev_embed)):
         np.testing.assert_allclose(cache[name], np.asarray(field), rtol=1e-5, atol=1e-5, err_msg=name)

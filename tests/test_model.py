@@ -1,4 +1,4 @@
-"""Behaviour of flaxchat.model / flaxchat.attention on tiny configs (CPU, fp32)."""
+"""Behaviour of flaxchat.model.gpt / flaxchat.model.attention on tiny configs (CPU, fp32)."""
 
 import dataclasses
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flaxchat.attention import causal_attention
+from flaxchat.model.attention import causal_attention
 from flaxchat.config import ModelConfig
-from flaxchat.flops import estimate_flops, mfu, num_matmul_params, peak_bf16_flops
-from flaxchat.model import GPT, PARAM_AXES, gpt_forward, softcapped_nll
+from flaxchat.model.flops import estimate_flops, mfu, num_matmul_params, peak_bf16_flops
+from flaxchat.model.gpt import GPT, PARAM_AXES, gpt_forward, softcapped_nll
 
 @pytest.fixture(autouse=True)
 def exact_fp32_matmuls():

@@ -1,7 +1,7 @@
 """Golden test: the JAX GPT against an independent float64 NumPy forward pass of nanochat's model.
 
 The reference below is written from nanochat's gpt.py semantics and shares no code with
-flaxchat.model: it only reads the parameter arrays out of the model. Every parameter is randomised
+flaxchat.model.gpt: it only reads the parameter arrays out of the model. Every parameter is randomised
 to a non-trivial value (output projections, lambdas, gates, smear, backout, lm_head) so each feature
 actually moves the logits. The model runs in fp32 with jax x64 off; agreement is ~1e-6 relative.
 """
@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from flaxchat.config import ModelConfig
-from flaxchat.model import GPT, gpt_forward
+from flaxchat.model.gpt import GPT, gpt_forward
 
 
 @pytest.fixture(autouse=True)

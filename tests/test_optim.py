@@ -228,7 +228,7 @@ def test_nnx_optimizer_under_jit_with_donation():
 
 
 def test_real_model_params_route_and_init_when_present():
-    gpt = pytest.importorskip("flaxchat.model", reason="flaxchat.model not importable")
+    gpt = pytest.importorskip("flaxchat.model.gpt", reason="flaxchat.model.gpt not importable")
     cfg = dataclasses.replace(MODEL, vocab_size=300)
     abstract = nnx.eval_shape(lambda: gpt.GPT(cfg, nnx.Rngs(0)))
     assignment = group_assignment(nnx.state(abstract, nnx.Param), nanochat_groups(TrainConfig(), cfg))

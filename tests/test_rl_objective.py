@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from flaxchat.config import ModelConfig
-from flaxchat.model import GPT
+from flaxchat.model.gpt import GPT
 from flaxchat.rl import (RLConfigError, compute_advantages, grpo_loss_fn, policy_loss, sequence_logprobs,
                          token_weights)
 from flaxchat.train.loop import make_train_step

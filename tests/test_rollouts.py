@@ -10,7 +10,7 @@ import pytest
 
 from flaxchat.chat_format import render_for_completion
 from flaxchat.config import RLConfig
-from flaxchat.engine import Engine
+from flaxchat.inference.engine import Engine
 from flaxchat.rl.advantages import compute_advantages
 from flaxchat.rl.rollouts import RolloutSource, completion_row
 from flaxchat.tasks.base import Task

@@ -92,7 +92,7 @@ def model(depth: int, **kw) -> ModelConfig:
 
 
 def contract_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """flaxchat.model's param contract, shapes only (stacked layers, value embeds on alternating layers)."""
+    """flaxchat.model.gpt's param contract, shapes only (stacked layers, value embeds on alternating layers)."""
     L, C, V = cfg.depth, cfg.n_embd, cfg.padded_vocab_size
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     n_ve = len([i for i in range(L) if i % 2 == (L - 1) % 2])
@@ -120,7 +120,7 @@ def test_param_counts_match_contract_shapes(depth, kw):
 
 
 def test_param_counts_match_real_model_when_present():
-    gpt = pytest.importorskip("flaxchat.model", reason="flaxchat.model not importable")
+    gpt = pytest.importorskip("flaxchat.model.gpt", reason="flaxchat.model.gpt not importable")
     from flax import nnx
     cfg = model(3, vocab_size=300, head_dim=32)
     abstract = nnx.eval_shape(lambda: gpt.GPT(cfg, nnx.Rngs(0)))

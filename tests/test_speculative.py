@@ -1,4 +1,4 @@
-"""flaxchat.speculative: greedy speculative decoding reproduces the target's own greedy tokens exactly,
+"""flaxchat.inference.speculative: greedy speculative decoding reproduces the target's own greedy tokens exactly,
 whether the draft disagrees often (a different random model) or never (the target itself), tool calls
 and their forced outputs included (compared with the plain engine on the same steered rows); sampling
 is seeded and keeps the target's distribution (checked on the first token's histogram)."""
@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxchat.engine import Engine
-from flaxchat.model import gpt_forward
-from flaxchat.sampling import token_probs
+from flaxchat.inference.engine import Engine
+from flaxchat.model.gpt import gpt_forward
+from flaxchat.inference.sampling import token_probs
 from tiny_models import MAX_LEN, TinyModel, tiny_tokenizer
 
 @pytest.fixture(scope="module")
@@ -136,8 +136,8 @@ def test_walk_cuts_inside_an_iteration(tok):
     the token budget each end emission *before* the last accepted token; python state carries."""
     from types import SimpleNamespace
 
-    from flaxchat.engine import Settings
-    from flaxchat.speculative import _walk
+    from flaxchat.inference.engine import Settings
+    from flaxchat.inference.speculative import _walk
 
     ps, pe = special(tok, "<|python_start|>"), special(tok, "<|python_end|>")
     S = 7                                                             # the stop token

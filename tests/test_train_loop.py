@@ -19,7 +19,7 @@ from flax import nnx
 from flaxchat.checkpoint import CheckpointStore, tree_digest
 from flaxchat.config import MeshConfig, ModelConfig, TrainConfig
 from flaxchat.mesh import create_sharded, create_sharded_optimizer, make_mesh
-from flaxchat.model import GPT
+from flaxchat.model.gpt import GPT
 from flaxchat.optim import build_optimizer
 from flaxchat.train.loop import LoopConfig, TrainingDiverged, train
 

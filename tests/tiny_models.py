@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxchat.config import ModelConfig
-from flaxchat.model import ModelSpec, init_params
+from flaxchat.model.gpt import ModelSpec, init_params
 from flaxchat.tokenizer import Tokenizer
 
 MAX_LEN = 64

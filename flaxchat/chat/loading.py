@@ -24,7 +24,7 @@ from flax import nnx
 from flaxchat import storage
 from flaxchat.config import PipelineConfig
 from flaxchat.manifest import MANIFEST_NAME, read_manifest, verify_files
-from flaxchat.model import GPT
+from flaxchat.model.gpt import GPT
 from flaxchat.tokenizer import META_FILE, Tokenizer
 
 

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_chat_model(args.model)
     except (LoadError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    from flaxchat.engine import Engine
+    from flaxchat.inference.engine import Engine
 
     context = loaded.config.model.sequence_len
     app = create_app(lambda: Engine(loaded.model, loaded.tokenizer, max_len=context), loaded.tokenizer,

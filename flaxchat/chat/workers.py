@@ -22,7 +22,7 @@ from typing import Any, Callable, Collection, Iterator, Protocol
 
 
 class EngineLike(Protocol):
-    """The interface of flaxchat.engine.Engine that serving needs."""
+    """The interface of flaxchat.inference.engine.Engine that serving needs."""
 
     def stream(self, prompt: list[int], *, max_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, use_tools: bool = True) -> Iterator[int]: ...

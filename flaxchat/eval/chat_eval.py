@@ -12,7 +12,7 @@ Two ways to score a task, chosen by its `eval_type`:
   function per (model spec, batch_rows, L, letter slots), so a whole task compiles once per length
   bucket and later calls compile nothing. A short last batch is filled with dummy rows.
 * generative (GSM8K, HumanEval, SpellingBee, DemoMath): completions sampled with the batched
-  `flaxchat.engine.Engine` (tool use on), `batch_problems` prompts per `generate` call, each graded
+  `flaxchat.inference.engine.Engine` (tool use on), `batch_problems` prompts per `generate` call, each graded
   by `task.evaluate`. `accuracy` is nanochat's: the share of problems where *any* of the
   num_samples completions passes (pass@num_samples; pass@1 when num_samples == 1); pass@k for
   k = 1, 2, 4, ... <= num_samples uses the unbiased estimator (flaxchat.train.generative.pass_at_k).
@@ -95,7 +95,7 @@ def _choose(last_logits: jax.Array, letter_ids: jax.Array, letter_mask: jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _gpt_choose(params, idx, last, letter_ids, letter_mask, *, spec):
-    from flaxchat.model import gpt_forward
+    from flaxchat.model.gpt import gpt_forward
     compile_counts["categorical"] += 1
     logits = gpt_forward(params, spec, idx)                       # (R,L,V) fp32
     last_logits = logits[jnp.arange(idx.shape[0]), last]          # each row at its own last position
@@ -321,7 +321,7 @@ def evaluate_chat_model(model: Any, tokenizer: Any, tasks: Mapping[str, Any], *,
                                        name=name)
         elif kind == "generative":
             if engine is None:
-                from flaxchat.engine import Engine
+                from flaxchat.inference.engine import Engine
                 engine = Engine(model, tokenizer)
             res = generative_accuracy(engine, task, max_problems=max_problems, num_samples=num_samples,
                                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

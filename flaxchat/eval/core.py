@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxchat.eval.bundle import CoreTask, EvalError
-from flaxchat.model import gpt_forward
+from flaxchat.model.gpt import gpt_forward
 
 FEWSHOT_SEED = 1234
 MIN_BUCKET = 32
@@ -213,7 +213,7 @@ def model_max_len(model) -> int:
 
 def make_scorer(model) -> Callable[[np.ndarray], tuple[Any, Any]]:
     """fn(tokens (R,L) int32 numpy) -> (losses, argmax), possibly still-running device arrays.
-    Models are anything with a ModelSpec `spec` and `param_tree()` (flaxchat.model.GPT, engine test models)."""
+    Models are anything with a ModelSpec `spec` and `param_tree()` (flaxchat.model.gpt.GPT, engine test models)."""
     if not (hasattr(model, "spec") and hasattr(model, "param_tree")):
         raise TypeError(f"{type(model).__name__} is not a GPT (needs .spec and .param_tree())")
     spec, params = model.spec, model.param_tree()

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxchat.model import ModelSpec
+from flaxchat.model.gpt import ModelSpec
 
 QK_SCALE_REASON = "q and k are multiplied by 1.2 after QK-norm; the built-in class does not scale them"
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from flaxchat.config import ModelConfig
 from flaxchat.export import parity
-from flaxchat.model import ModelSpec
+from flaxchat.model.gpt import ModelSpec
 from flaxchat.tokenizer import Tokenizer
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flaxchat.attention import ROPE_BASE
-from flaxchat.model import ModelSpec
+from flaxchat.model.attention import ROPE_BASE
+from flaxchat.model.gpt import ModelSpec
 
 _HERE = Path(__file__).resolve().parent / "hf_modeling"
 # copied next to config.json; transformers imports them by the names in AUTO_MAP
@@ -42,7 +42,7 @@ def hf_config_dict(spec: ModelSpec, *, bos_token_id: int | None, eos_token_id: i
         "sequence_len": spec.sequence_len,
         "window_sizes": [int(w) for w in spec.windows],
         "softcap": float(spec.softcap),
-        "rope_base": float(ROPE_BASE),   # not a ModelSpec field: fixed in flaxchat.attention
+        "rope_base": float(ROPE_BASE),   # not a ModelSpec field: fixed in flaxchat.model.attention
         "max_position_embeddings": spec.sequence_len,
         "use_cache": True,
         "bos_token_id": bos_token_id,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from flaxchat.config import ModelConfig
-from flaxchat.model import ModelSpec
+from flaxchat.model.gpt import ModelSpec
 
 # nanochat's checkpoints of torch.compile'd models prefix every key with this
 COMPILE_PREFIX = "_orig_mod."

@@ -82,7 +82,7 @@ def export_litert(params: dict, spec, path: str | os.PathLike, *, seq_len: int) 
     tf, jax2tf = _import_tf()
     import jax
 
-    from flaxchat.model import gpt_forward
+    from flaxchat.model.gpt import gpt_forward
 
     s = export_spec(spec)
     np_params = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), params)

@@ -32,7 +32,7 @@ import numpy as np
 from flaxchat.config import ModelConfig
 from flaxchat.export.layout import LayoutError, from_state_dict, model_config_from_nanochat, nanochat_model_config, to_state_dict
 from flaxchat.export.torch_pickle import load_state_dict, save_state_dict
-from flaxchat.model import ModelSpec
+from flaxchat.model.gpt import ModelSpec
 from flaxchat.tokenizer import Tokenizer
 from flaxchat.tokenizer_specials import SPECIAL_TOKENS
 

@@ -6,15 +6,15 @@ Files (fp32 weights baked in as initializers, opset 23, onnxruntime's CPU provid
                 input_ids (B, T) int32, k_cache / v_cache (L, B, S, Hkv, D) fp32, pos (B,) int32,
                 prev_embed (B, C) fp32 -> logits (B, T, vocab), k_cache_out, v_cache_out, pos_out,
                 prev_embed_out. B, T and S (cache slots) are symbolic: prefill a prompt with T = its
-                length, then step with T = 1. These are the fields of flaxchat.kv_cache.KVCache.
+                length, then step with T = 1. These are the fields of flaxchat.model.kv_cache.KVCache.
 
 How each graph is traced, and why:
-- model.onnx is `flaxchat.model.gpt_forward` itself (fp32 compute, "xla" attention: what jax2onnx
+- model.onnx is `flaxchat.model.gpt.gpt_forward` itself (fp32 compute, "xla" attention: what jax2onnx
   can convert; the layer scan becomes one ONNX Loop). One workaround: jax2onnx replaces `jnp.arange`
   with its own primitive, whose symbolic length breaks later indexing (`AttributeError: ...
   _DynamicDimSentinel ... rmax`), so while tracing `jnp.arange(n)` is routed to `lax.iota` (same
   values; `_iota_arange`). Without it, only fixed T would export.
-- decoder.onnx is `_decode_step`, a re-expression of `flaxchat.kv_cache.decode` from the model's own
+- decoder.onnx is `_decode_step`, a re-expression of `flaxchat.model.kv_cache.decode` from the model's own
   block functions. jax2onnx mis-lowers decode's cache write (the scatter
   `k_all.at[layer, rows, positions].set(..)`): onnxruntime fails in a Reshape/Expand even with all
   shapes fixed. Here each layer's cache slice is a scanned input/output, and a slot takes the
@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxchat.attention import cached_attention, rope_cos_sin
-from flaxchat.model import (ModelSpec, block_out, block_qkv, embed_tokens, gpt_forward, head_raw, layer_inputs,
+from flaxchat.model.attention import cached_attention, rope_cos_sin
+from flaxchat.model.gpt import (ModelSpec, block_out, block_qkv, embed_tokens, gpt_forward, head_raw, layer_inputs,
                             smear, softcap_logits, value_rows)
 
 MODEL_FILE = "model.onnx"
@@ -100,7 +100,7 @@ def _iota_arange():
 
 def _decode_step(params: dict, s: ModelSpec, idx: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                  pos: jax.Array, prev_embed: jax.Array) -> tuple[jax.Array, ...]:
-    """flaxchat.kv_cache.decode with a scatter-free cache write (why: module docstring).
+    """flaxchat.model.kv_cache.decode with a scatter-free cache write (why: module docstring).
     -> (logits (B,T,vocab), k_cache, v_cache, pos + T, prev_embed)."""
     T, S = idx.shape[1], k_cache.shape[2]
     positions = pos[:, None] + jax.lax.broadcasted_iota(jnp.int32, (1, T), 1)      # (B,T)

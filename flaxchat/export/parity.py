@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxchat.model import ModelSpec, gpt_forward
+from flaxchat.model.gpt import ModelSpec, gpt_forward
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 

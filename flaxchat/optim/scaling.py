@@ -10,7 +10,7 @@
   accum    = B // (device_batch_size * sequence_len * n_devices), which must divide exactly
 
 Param counts are computed analytically from ModelConfig (no model is built): nanochat's layout,
-which is also flaxchat.model's (value embeddings and their gates only on alternating layers,
+which is also flaxchat.model.gpt's (value embeddings and their gates only on alternating layers,
 the last one always included).
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from flaxchat import flops
+from flaxchat.model import flops
 from flaxchat.config import ModelConfig, TrainConfig
 
 B_REF = 2 ** 19                  # tokens per step that is optimal at d12 (nanochat, measured)
@@ -42,7 +42,7 @@ def _resolved(model_cfg: ModelConfig) -> ModelConfig:
 
 
 def param_counts(model_cfg: ModelConfig) -> dict[str, int]:
-    """nanochat's `num_scaling_params()` breakdown, from the config alone (flaxchat.flops owns the formula)."""
+    """nanochat's `num_scaling_params()` breakdown, from the config alone (flaxchat.model.flops owns the formula)."""
     return flops.param_counts(_resolved(model_cfg))
 
 

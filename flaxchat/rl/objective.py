@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from flaxchat.model import IGNORE_INDEX
+from flaxchat.model.gpt import IGNORE_INDEX
 
 
 def _check_hparams(clip_low: Any, clip_high: Any, kl_beta: Any) -> None:

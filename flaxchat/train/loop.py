@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec
 from flaxchat.batches import make_global_batch
 from flaxchat.checkpoint import CheckpointStore
 from flaxchat.distributed import allgather_json
-from flaxchat.flops import mfu
+from flaxchat.model.flops import mfu
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], jax.Array]
 

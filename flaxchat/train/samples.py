@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxchat.kv_cache import decode, init_cache
+from flaxchat.model.kv_cache import decode, init_cache
 
 
 def make_sampler(tokenizer, prompts: list[str], max_new_tokens: int = 48

@@ -3,7 +3,7 @@
 This file is copied into a flaxchat export directory and imported by transformers alone
 (`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`), so it imports torch and
 transformers only. Its state_dict keys are exactly nanochat's (`transformer.h.0.attn.c_q.weight`, ...),
-so model.safetensors is nanochat's state dict; it reproduces flaxchat.model.gpt_forward's logits.
+so model.safetensors is nanochat's state dict; it reproduces flaxchat.model.gpt.gpt_forward's logits.
 
 Per token (B batch, T new tokens, S = cached + new, C n_embd, H heads, Hkv kv heads, D head_dim):
   x  = rms_norm(wte[idx]);  x0 = x + smear_lambda * sigmoid(x[:24] @ smear_gate) * x[t-1]

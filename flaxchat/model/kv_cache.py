@@ -25,8 +25,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flaxchat.attention import cached_attention, rope_cos_sin
-from flaxchat.model import (ModelSpec, block_out, block_qkv, embed_tokens, head_raw, layer_inputs, smear,
+from flaxchat.model.attention import cached_attention, rope_cos_sin
+from flaxchat.model.gpt import (ModelSpec, block_out, block_qkv, embed_tokens, head_raw, layer_inputs, smear,
                             softcap_logits, value_rows)
 
 

@@ -14,7 +14,7 @@ import math
 from typing import Union
 
 from flaxchat.config import ModelConfig
-from flaxchat.model import SMEAR_CHANNELS, VE_GATE_CHANNELS, ModelSpec
+from flaxchat.model.gpt import SMEAR_CHANNELS, VE_GATE_CHANNELS, ModelSpec
 
 # Dense (no sparsity) bf16 peak FLOP/s per chip, keyed by jax `device.device_kind`.
 # TPU: v5e reports "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite". GPU: SXM parts unless named.

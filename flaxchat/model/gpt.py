@@ -43,7 +43,7 @@ from flax import nnx
 from flax.core import meta as flax_meta
 from flax.core import spmd as flax_spmd
 
-from flaxchat.attention import QK_SCALE, apply_rotary, causal_attention, resolve_attention_impl, rms_norm, rope_cos_sin
+from flaxchat.model.attention import QK_SCALE, apply_rotary, causal_attention, resolve_attention_impl, rms_norm, rope_cos_sin
 from flaxchat.config import ModelConfig
 from flaxchat.mesh import with_logical_constraint   # no-op outside flaxchat.mesh.mesh_context
 
@@ -240,12 +240,12 @@ class GPT(nnx.Module):
         return gpt_forward(self.param_tree(), self.spec, idx, targets, loss_reduction)
 
     def init_cache(self, batch_size: int, max_len: int):
-        from flaxchat.kv_cache import init_cache
+        from flaxchat.model.kv_cache import init_cache
         return init_cache(self.spec, batch_size, max_len)
 
     def decode(self, idx: jax.Array, cache):
         """Cached forward of idx (B,T) after the cache's contents -> (logits (B,T,vocab), new cache)."""
-        from flaxchat.kv_cache import decode
+        from flaxchat.model.kv_cache import decode
         return decode(self.param_tree(), self.spec, cache, idx)
 
 

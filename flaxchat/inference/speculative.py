@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxchat.engine import inference_params, prefill, row_keys, stream_window
-from flaxchat.kv_cache import KVCache, decode
-from flaxchat.model import ModelSpec, embed_tokens
-from flaxchat.sampling import sample_tokens, token_probs
+from flaxchat.inference.engine import inference_params, prefill, row_keys, stream_window
+from flaxchat.model.kv_cache import KVCache, decode
+from flaxchat.model.gpt import ModelSpec, embed_tokens
+from flaxchat.inference.sampling import sample_tokens, token_probs
 
 
 class SpecState(NamedTuple):

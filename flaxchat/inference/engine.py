@@ -22,7 +22,7 @@ speculative iteration as soon as it is verified).
 
 Sampling keys are fold_in(fold_in(seed, row), token index), so a row's tokens do not depend on the
 other rows in the batch or on where tool calls interrupted the loop. With `draft` set, greedy and
-sampled generation and streaming run speculatively (flaxchat.speculative), tool calls included.
+sampled generation and streaming run speculatively (flaxchat.inference.speculative), tool calls included.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxchat.calculator import use_calculator
-from flaxchat.kv_cache import KVCache, decode, init_cache
-from flaxchat.model import ModelSpec, embed_tokens
-from flaxchat.sampling import sample_tokens
+from flaxchat.model.kv_cache import KVCache, decode, init_cache
+from flaxchat.model.gpt import ModelSpec, embed_tokens
+from flaxchat.inference.sampling import sample_tokens
 
 MAX_STOP_TOKENS = 8        # stop-token list is padded to this (a fixed shape: no recompiles)
 MIN_PROMPT_BUCKET = 16
@@ -199,7 +199,7 @@ def run_tool(expr: str, timeout_s: float = TOOL_TIMEOUT_S) -> str:
 
 
 class Engine:
-    """Generation for a GPT (`flaxchat.model.GPT`) and its tokenizer. See the module docstring."""
+    """Generation for a GPT (`flaxchat.model.gpt.GPT`) and its tokenizer. See the module docstring."""
 
     def __init__(self, model, tokenizer, *, max_len: int | None = None, draft=None, spec_k: int = 4,
                  max_tool_tokens: int = 64):
@@ -239,7 +239,7 @@ class Engine:
         self._inject = jax.jit(_inject, donate_argnums=(0,))
         self._speculative = None
         if draft is not None:
-            from flaxchat.speculative import SpeculativeDecoder
+            from flaxchat.inference.speculative import SpeculativeDecoder
             self._speculative = SpeculativeDecoder(self, draft, spec_k)
 
     @property
