@@ -88,7 +88,8 @@ class TokenizerConfig:
 class DataConfig:
     source: str = "demo"               # demo | tinystories | climbmix | fineweb-edu | a local dir | gs://...
     cache_dir: str = "~/.cache/flaxchat/data"
-    num_shards: int = 8                # shards to download for remote sources (last one is validation)
+    num_shards: int = 8                # shards to download for remote sources (last one is validation);
+                                       # -1 = as many as pretraining's tokens need (flaxchat.plan.shards_needed)
     demo_documents: int = 20_000       # generated documents for the demo corpus
     demo_val_documents: int = 1_000
     download_timeout_s: float = 60.0
@@ -347,6 +348,12 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
             f"model.vocab_size={cfg.model.vocab_size} differs from tokenizer.vocab_size="
             f"{cfg.tokenizer.vocab_size}; leave model.vocab_size at 0 to follow the tokenizer")
     cfg.model.derive()
+    if cfg.data.num_shards == -1:
+        from flaxchat.plan import shards_needed   # needs the derived model; imports this module
+        cfg.data.num_shards = shards_needed(cfg)
+    elif cfg.data.num_shards < 2:
+        raise ConfigError(f"data.num_shards={cfg.data.num_shards}: use >= 2 (training shards + the validation "
+                          "shard) or -1 for as many as pretraining needs")
     for section in (cfg.pretrain, cfg.sft, cfg.grpo):
         if section.value_embedding_lr < 0:
             section.value_embedding_lr = section.embedding_lr / 2

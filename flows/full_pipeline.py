@@ -88,8 +88,13 @@ class FullPipelineFlow(FlowSpec):
     overrides = Config("config", default_value={}, parser=yaml.safe_load,
                        help="YAML file of config overrides (sections: model, tokenizer, data, mesh, pretrain, "
                             "tasks, sft, rl, grpo, eval, export)")
-    preset = Parameter("preset", default="demo", help="demo | tinystories | climbmix | speedrun")
+    preset = Parameter("preset", default="nanochat",
+                       help="nanochat (its recipe at --depth) | demo (laptop, generated data) | tinystories | "
+                            "climbmix | speedrun")
     depth = Parameter("depth", type=int, default=0, help="model depth (0 = the preset's)")
+    max_hours = Parameter("max-hours", type=float, default=24.0,
+                          help="stop in start when a stage set to run on this machine is estimated to take longer "
+                               "(0 = no limit)")
     artifact_root = Parameter("artifact-root", default="./artifacts",
                               help="where stage outputs go: a local directory or gs://bucket/prefix")
 
@@ -126,9 +131,20 @@ class FullPipelineFlow(FlowSpec):
         self._show(name, summary(manifest))
         return manifest
 
+    def _plan(self, cfg: PipelineConfig) -> dict:
+        """Print and store the plan (sizes, where each stage runs, time and cost); stop a run this
+        machine cannot finish in --max-hours before anything heavy starts."""
+        from flaxchat import plan
+        hardware = dict.fromkeys(plan.STAGES, plan.local_hardware())
+        with clear_errors():
+            run_plan = plan.make_plan(cfg, hardware)
+            print(run_plan.table())
+            plan.check_feasible(run_plan, hardware, self.max_hours)
+        return run_plan.to_dict()
+
     @step
     def start(self):
-        """Resolve and validate the whole config once; every stage reads this copy."""
+        """Resolve and validate the whole config once (every stage reads this copy) and make the plan."""
         # a relative --artifact-root is taken from where the run was started, once, here: every
         # later task, a resumed run and other machines read the absolute location this records
         root = self.artifact_root if "://" in self.artifact_root else os.path.abspath(self.artifact_root)
@@ -137,6 +153,7 @@ class FullPipelineFlow(FlowSpec):
                                artifact_root=root.rstrip("/"))
         self.pipeline_config = cfg.to_dict()
         self.artifact_base = cfg.artifact_root
+        self.plan = self._plan(cfg)
         self.git_revision = _git_revision()
         from metaflow import Run
         Run(current.pathspec.rsplit("/", 2)[0]).add_tags(

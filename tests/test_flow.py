@@ -132,6 +132,9 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     run = Flow("FullPipelineFlow")[run_id]
     assert {"depth:2", "preset:demo"} <= set(run.tags)
     assert any(t.startswith("git:") for t in run.tags)
+    plan = run["start"].task.data.plan                  # the plan start printed and stored
+    assert [s["stage"] for s in plan["stages"]] == ["tokenizer", "pretrain", "sft", "grpo", "eval", "export"]
+    assert plan["stages"][1]["steps"] == TINY["pretrain"]["num_steps"] and plan["hours"] > 0
 
     manifest = run["tokenizer"].task.data.tokenizer_manifest
     assert manifest["stage"] == "tokenizer"
@@ -239,7 +242,22 @@ def test_unknown_preset_fails_the_run_with_a_clear_error(mf_env, tmp_path):
     with _runner(mf_env, tmp_path).run(preset="gigantic", artifact_root=str(tmp_path / "art")) as running:
         assert running.status == "failed"
         log = running.run["start"].task.stderr
-    assert "ConfigError: unknown preset 'gigantic'; choose one of: demo" in log
+    assert "ConfigError: unknown preset 'gigantic'; choose one of: nanochat, demo" in log
+    assert "Traceback" not in log
+    assert not (tmp_path / "art").exists()
+
+
+def test_default_preset_d24_on_this_machine_stops_in_start_with_its_plan(mf_env, tmp_path):
+    """`run --depth 24` is nanochat's recipe; on a CPU it stops before anything heavy, saying how long
+    pretraining would take and which flag overrides the stop."""
+    from metaflow import Runner
+    runner = Runner(FLOW, show_output=False, env=mf_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
+    with runner.run(depth=24, artifact_root=str(tmp_path / "art")) as running:
+        assert running.status == "failed"
+        task = running.run["start"].task
+        log, out = task.stderr, task.stdout
+    assert "plan: d24" in out and "pretrain" in out
+    assert "pretrain would take about" in log and "--max-hours 0" in log
     assert "Traceback" not in log
     assert not (tmp_path / "art").exists()
 
