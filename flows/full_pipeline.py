@@ -68,6 +68,11 @@ def _origin_of(pathspec: str) -> str | None:
     return None
 
 
+# the stages whose manifests each stage reads (the DAG's data edges)
+UPSTREAM = {"tokenizer": (), "pretrain": ("tokenizer",), "sft": ("pretrain",), "grpo": ("sft",),
+            "eval": ("tokenizer", "pretrain", "sft", "grpo"), "export": ("pretrain", "sft", "grpo")}
+
+
 class PipelineInputError(MetaflowException):
     headline = "flaxchat: bad input"
 
@@ -107,8 +112,11 @@ class FullPipelineFlow(FlowSpec):
         from flaxchat import storage
         return storage.join(self.artifact_base, current.flow_name, current.run_id, stage)
 
-    def _show(self, stage: str, components: list) -> None:
-        for component in components:
+    def _show(self, stage: str, components: list, manifest: dict) -> None:
+        """The stage's own summary, then where it came from (flows/provenance.py)."""
+        from flows.provenance import provenance
+        inputs = {name: getattr(self, f"{name}_manifest") for name in UPSTREAM[stage]}
+        for component in components + provenance(stage, manifest, inputs, self.pipeline_config, current.flow_name):
             current.card[stage].append(component)
 
     def _resume_sources(self, stage: str) -> list[str]:
@@ -128,7 +136,7 @@ class FullPipelineFlow(FlowSpec):
         with clear_errors():
             manifest = stage.run(self._config(), inputs, self._stage_uri(name), resume_from=self._resume_sources(name),
                                  extra_sinks=(live,))
-        self._show(name, summary(manifest))
+        self._show(name, summary(manifest), manifest)
         return manifest
 
     def _plan(self, cfg: PipelineConfig) -> dict:
@@ -170,7 +178,7 @@ class FullPipelineFlow(FlowSpec):
         from flows.cards import tokenizer_card
         with clear_errors():
             self.tokenizer_manifest = tokenizer.run(self._config(), {}, self._stage_uri("tokenizer"))
-        self._show("tokenizer", tokenizer_card(self.tokenizer_manifest))
+        self._show("tokenizer", tokenizer_card(self.tokenizer_manifest), self.tokenizer_manifest)
         self.next(self.pretrain)
 
     @card(type="blank", id="pretrain", refresh_interval=10)
@@ -215,7 +223,7 @@ class FullPipelineFlow(FlowSpec):
         with clear_errors():
             self.eval_manifest = eval_stage.run(self._config(), inputs, self._stage_uri("eval"),
                                                 git_revision=self.git_revision)
-        self._show("eval", eval_card(self.eval_manifest))
+        self._show("eval", eval_card(self.eval_manifest), self.eval_manifest)
         self.next(self.export)
 
     @card(type="blank", id="export")
@@ -227,7 +235,7 @@ class FullPipelineFlow(FlowSpec):
         inputs = {"pretrain": self.pretrain_manifest, "sft": self.sft_manifest, "grpo": self.grpo_manifest}
         with clear_errors():
             self.export_manifest = export_stage.run(self._config(), inputs, self._stage_uri("export"))
-        self._show("export", export_card(self.export_manifest))
+        self._show("export", export_card(self.export_manifest), self.export_manifest)
         self.next(self.end)
 
     @step

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from card_browser import browser_missing, screenshot_cards
 from card_utils import card_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,6 +208,21 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     verify_files(ex)
     xcard = card_text(get_cards(run["export"].task, id="export")[0].get())
     assert "Export" in xcard and "round trip identical" in xcard
+    assert "Provenance" in scard and "sft.init_lr_frac" in scard and f"FullPipelineFlow/{run_id}" in xcard
+
+    # what a user browsing the cards sees: `card server` + headless Chromium, one screenshot per stage
+    why_not = browser_missing()
+    if why_not:
+        pytest.skip(f"every check above passed; the browser check cannot run: {why_not}")
+    shown = screenshot_cards(FLOW, run_id, mf_env, mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"], tmp_path)
+    assert {"tokenizer", "pretrain", "sft", "grpo", "eval", "export"} <= set(shown)
+    assert shown["pretrain"]["charts"] >= 2 and "val bits per byte" in shown["pretrain"]["text"]
+    assert "step 6/6" in shown["pretrain"]["text"] and "Provenance" in shown["pretrain"]["text"]
+    assert shown["grpo"]["charts"] >= 4 and "Rollouts of round" in shown["grpo"]["text"]
+    assert "Report card" in shown["eval"]["text"] and shown["eval"]["rows"] >= 10 and shown["eval"]["charts"] >= 1
+    assert "round trip identical" in shown["export"]["text"]
+    assert "bytes/token" in shown["tokenizer"]["text"]
+    assert all(s["screenshot"].stat().st_size > 20_000 for s in shown.values())
 
 
 def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
