@@ -97,6 +97,9 @@ class FullPipelineFlow(FlowSpec):
                        help="nanochat (its recipe at --depth) | demo (laptop, generated data) | tinystories | "
                             "climbmix | speedrun")
     depth = Parameter("depth", type=int, default=0, help="model depth (0 = the preset's)")
+    fresh = Parameter("fresh", type=bool, default=False,
+                      help="recompute every stage; by default a stage whose config sections, inputs and code match "
+                           "a finished output under the artifact root reuses it")
     max_hours = Parameter("max-hours", type=float, default=24.0,
                           help="stop in start when a stage set to run on this machine is estimated to take longer "
                                "(0 = no limit)")
@@ -129,13 +132,28 @@ class FullPipelineFlow(FlowSpec):
             print(f"{stage}: resumed; looking for checkpoints in runs {', '.join(runs)} (nearest first)")
         return [storage.join(self.artifact_base, current.flow_name, run_id, stage, "checkpoints") for run_id in runs]
 
+    def _produce(self, stage: str, inputs: dict, compute) -> dict:
+        """The stage's manifest: a finished output with the same key (flaxchat/reuse.py: the config
+        sections the stage reads, its inputs' keys, the code version) is reused unless --fresh;
+        otherwise `compute(output_uri)` makes it and it is recorded for later runs to reuse."""
+        from flaxchat import reuse
+        key = reuse.stage_key(stage, self.pipeline_config, inputs)
+        if not self.fresh:
+            found = reuse.find(self.artifact_base, stage, key)
+            if found is not None:
+                print(f"{stage}: {reuse.describe(found)}")
+                return found
+        with clear_errors():
+            manifest = compute(self._stage_uri(stage)) | {"reuse_key": key}
+        reuse.record(self.artifact_base, stage, key, manifest, run=f"{current.flow_name}/{current.run_id}")
+        return manifest
+
     def _train_stage(self, name: str, inputs: dict, live, summary) -> dict:
         """Run a training stage; after `resume`, continue from the newest checkpoint along the chain."""
         import importlib
         stage = importlib.import_module(f"steps.{name}")
-        with clear_errors():
-            manifest = stage.run(self._config(), inputs, self._stage_uri(name), resume_from=self._resume_sources(name),
-                                 extra_sinks=(live,))
+        manifest = self._produce(name, inputs, lambda uri: stage.run(
+            self._config(), inputs, uri, resume_from=self._resume_sources(name), extra_sinks=(live,)))
         self._show(name, summary(manifest), manifest)
         return manifest
 
@@ -176,8 +194,7 @@ class FullPipelineFlow(FlowSpec):
         """Train the BPE tokenizer; report held-out bytes/token."""
         from steps import tokenizer
         from flows.cards import tokenizer_card
-        with clear_errors():
-            self.tokenizer_manifest = tokenizer.run(self._config(), {}, self._stage_uri("tokenizer"))
+        self.tokenizer_manifest = self._produce("tokenizer", {}, lambda uri: tokenizer.run(self._config(), {}, uri))
         self._show("tokenizer", tokenizer_card(self.tokenizer_manifest), self.tokenizer_manifest)
         self.next(self.pretrain)
 
@@ -220,9 +237,8 @@ class FullPipelineFlow(FlowSpec):
         from flows.cards import eval_card
         inputs = {"tokenizer": self.tokenizer_manifest, "pretrain": self.pretrain_manifest,
                   "sft": self.sft_manifest, "grpo": self.grpo_manifest}
-        with clear_errors():
-            self.eval_manifest = eval_stage.run(self._config(), inputs, self._stage_uri("eval"),
-                                                git_revision=self.git_revision)
+        self.eval_manifest = self._produce("eval", inputs, lambda uri: eval_stage.run(
+            self._config(), inputs, uri, git_revision=self.git_revision))
         self._show("eval", eval_card(self.eval_manifest), self.eval_manifest)
         self.next(self.export)
 
@@ -233,8 +249,7 @@ class FullPipelineFlow(FlowSpec):
         from steps import export as export_stage
         from flows.cards import export_card
         inputs = {"pretrain": self.pretrain_manifest, "sft": self.sft_manifest, "grpo": self.grpo_manifest}
-        with clear_errors():
-            self.export_manifest = export_stage.run(self._config(), inputs, self._stage_uri("export"))
+        self.export_manifest = self._produce("export", inputs, lambda uri: export_stage.run(self._config(), inputs, uri))
         self._show("export", export_card(self.export_manifest), self.export_manifest)
         self.next(self.end)
 

@@ -91,10 +91,12 @@ def _killed(mf_env, tmp_path, kill: dict, args: list[str], id_name: str) -> str:
     return id_file.read_text().strip()
 
 
-def _crashing_run(mf_env, tmp_path, kill: dict, extra: dict | None = None, artifact_root: str | None = None) -> str:
+def _crashing_run(mf_env, tmp_path, kill: dict, extra: dict | None = None, artifact_root: str | None = None,
+                  fresh: bool = False) -> str:
     """A run whose task SIGKILLs itself; returns its run id."""
     return _killed(mf_env, tmp_path, kill, ["--config", "config", _config_file(tmp_path, extra), "run", "--preset",
-                                            "demo", "--artifact-root", artifact_root or str(tmp_path / "art")],
+                                            "demo", "--artifact-root", artifact_root or str(tmp_path / "art"),
+                                            *(["--fresh", "true"] if fresh else [])],
                    "origin-run-id")
 
 
@@ -209,6 +211,26 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     xcard = card_text(get_cards(run["export"].task, id="export")[0].get())
     assert "Export" in xcard and "round trip identical" in xcard
     assert "Provenance" in scard and "sft.init_lr_frac" in scard and f"FullPipelineFlow/{run_id}" in xcard
+
+    # a second run with one export knob changed reuses every finished stage whose key (config sections,
+    # inputs, code) is unchanged and computes only export; --fresh recomputes (the tokenizer is killed on entry)
+    with _runner(mf_env, tmp_path, {"export": {"formats": "nanochat"}}).run(
+            preset="demo", artifact_root=str(tmp_path / "art")) as again:
+        assert again.status == "successful", again.stderr
+        second = again.run
+    for stage in ("tokenizer", "pretrain", "sft", "grpo", "eval"):
+        m = getattr(second[stage].task.data, f"{stage}_manifest")
+        first_m = getattr(run[stage].task.data, f"{stage}_manifest")
+        assert m["uri"] == first_m["uri"] and m["reused_from"]["run"] == f"FullPipelineFlow/{run_id}", stage
+        assert m["reuse_key"] == first_m["reuse_key"], stage
+        assert json.dumps(m["metrics"], sort_keys=True) == json.dumps(first_m["metrics"], sort_keys=True), stage
+    assert "reused from run" in card_text(get_cards(second["sft"].task, id="sft")[0].get())
+    ex2 = second["export"].task.data.export_manifest
+    assert "reused_from" not in ex2 and ex2["uri"].endswith(f"{second.id}/export") and set(ex2["formats"]) == {"nanochat"}
+    assert ex2["source"]["uri"] == rl["uri"]
+    fresh_id = _crashing_run(mf_env, tmp_path, {"KILL_MODE": "manifest", "KILL_STAGE": "tokenizer"},
+                             extra={"export": {"formats": "nanochat"}}, fresh=True)
+    assert fresh_id not in (run_id, second.id)
 
     # what a user browsing the cards sees: `card server` + headless Chromium, one screenshot per stage
     why_not = browser_missing()
