@@ -1,0 +1,170 @@
+"""@tpu and the config-driven stage placement, offline, through Metaflow itself.
+
+Each case loads a flow with Metaflow's CLI in a subprocess (tests/_compute_probe.py), lets
+Metaflow attach and initialise the step decorators against a gs datastore that is never
+touched, and reads back per step: the decorators, Metaflow's graph (@parallel or not), the
+@kubernetes settings and the `kubernetes step` options Metaflow's runtime would launch the
+pod (or, with num-parallel, the JobSet of one control + N-1 workers) with.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ROOT / "flows" / "full_pipeline.py"
+GANG = ROOT / "tests" / "flows" / "tpu_gang_flow.py"
+SINGLE = ROOT / "tests" / "flows" / "tpu_single_flow.py"
+DEFAULT_IMAGE = "reg/flaxchat:cpu"
+TPU_TOLERATION = {"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def probe(flow: Path, num_parallel: int = 0, *args: str) -> tuple[int, dict | None, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "METAFLOW_USER": "tester",
+           # only this checkout's metaflow_extensions (another checkout on sys.path would clash)
+           "METAFLOW_EXTENSIONS_SEARCH_DIRS": str(ROOT),
+           "METAFLOW_KUBERNETES_CONTAINER_IMAGE": DEFAULT_IMAGE}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_compute_probe.py"), str(flow), str(num_parallel),
+                           *args], capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")), None)
+    return proc.returncode, json.loads(line[6:]) if line else None, proc.stdout + proc.stderr
+
+
+def pipeline_with(tmp_path, compute: dict) -> tuple[int, dict | None, str]:
+    path = tmp_path / "overrides.yaml"
+    path.write_text(yaml.safe_dump({"compute": compute}))
+    return probe(PIPELINE, 0, "--config", "config", str(path))
+
+
+def test_default_config_leaves_every_pipeline_step_local():
+    rc, steps, out = probe(PIPELINE)
+    assert rc == 0, out
+    assert set(steps) == {"start", "tokenizer", "pretrain", "sft", "grpo", "eval", "export", "end"}
+    for name, s in steps.items():
+        assert s["kubernetes"] is None and not s["parallel"], name
+        assert not {"tpu", "kubernetes", "parallel"} & set(s["decorators"]), name
+
+
+def test_compute_section_places_each_stage(tmp_path):
+    rc, steps, out = pipeline_with(tmp_path, {
+        "tpu_image": "reg/flaxchat:tpu",
+        "pretrain": {"kind": "tpu", "type": "v6e", "topology": "2x4"},
+        "eval": {"kind": "tpu", "type": "v5litepod", "topology": "2x2", "spot": True, "image": "reg/eval:tpu"},
+        "sft": {"kind": "gpu", "type": "h100", "count": 8}})
+    assert rc == 0, out
+    pre = steps["pretrain"]
+    assert pre["decorators"][-2:] == ["tpu", "kubernetes"] and not pre["parallel"]
+    assert pre["kubernetes"]["node_selector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
+                                                  "cloud.google.com/gke-tpu-topology": "2x4"}
+    assert pre["kubernetes"]["extended_resources"] == {"google.com/tpu": "8"}      # one 8-chip host
+    assert pre["kubernetes"]["tolerations"] == [TPU_TOLERATION]
+    assert pre["kubernetes"]["gpu"] is None
+    launch = pre["launch"]
+    assert launch["commands"] == ["kubernetes", "step"]
+    assert launch["options"]["image"] == "reg/flaxchat:tpu"
+    assert launch["options"]["node_selector"] == ["cloud.google.com/gke-tpu-accelerator=tpu-v6e-slice",
+                                                  "cloud.google.com/gke-tpu-topology=2x4"]
+    assert json.loads(launch["options"]["extended_resources"]) == {"google.com/tpu": "8"}
+    assert json.loads(launch["options"]["tolerations"]) == [TPU_TOLERATION]
+    assert "num-parallel" not in launch["options"]                                 # a plain Job, one pod
+
+    ev = steps["eval"]["kubernetes"]
+    assert ev["node_selector"]["cloud.google.com/gke-tpu-accelerator"] == "tpu-v5-lite-podslice"
+    assert ev["node_selector"]["cloud.google.com/gke-spot"] == "true"
+    assert (ev["image"], ev["extended_resources"]) == ("reg/eval:tpu", {"google.com/tpu": "4"})
+
+    sft = steps["sft"]
+    assert "tpu" not in sft["decorators"]
+    assert (sft["kubernetes"]["gpu"], sft["kubernetes"]["gpu_vendor"]) == (8, "nvidia")
+    assert sft["kubernetes"]["node_selector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert sft["kubernetes"]["image"] == DEFAULT_IMAGE           # no gpu_image: Metaflow's configured image
+    assert sft["launch"]["options"]["gpu"] == 8
+
+    for name in ("start", "tokenizer", "grpo", "export", "end"):
+        assert steps[name]["kubernetes"] is None, name
+
+
+def test_multi_host_gang_is_a_parallel_step_with_one_pod_per_host():
+    rc, steps, out = probe(GANG, 4)
+    assert rc == 0, out
+    train = steps["train"]
+    assert train["parallel"]                      # Metaflow's graph sees @tpu as the @parallel gang
+    assert train["kubernetes"]["node_selector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+                                                    "cloud.google.com/gke-tpu-topology": "4x4"}
+    assert train["kubernetes"]["extended_resources"] == {"google.com/tpu": "4"}    # chips per host
+    assert train["kubernetes"]["image"] == "registry/flaxchat:tpu"
+    # num-parallel makes `kubernetes step` build a JobSet: 1 control + 3 worker replicas
+    assert train["launch"]["options"]["num-parallel"] == "4"
+    assert train["launch"]["commands"] == ["kubernetes", "step"]
+    assert all(steps[s]["kubernetes"] is None and not steps[s]["parallel"] for s in ("start", "join", "end"))
+
+
+def test_gang_called_with_the_wrong_width_is_refused():
+    rc, _, out = probe(GANG, 2)
+    assert rc != 0
+    assert "v5e 4x4 slice has 4 hosts but the step was called with num_parallel=2; use num_parallel=4" in out
+
+
+def test_multi_host_stage_needs_a_gang_shaped_flow(tmp_path):
+    rc, _, out = pipeline_with(tmp_path, {"pretrain": {"kind": "tpu", "type": "v5e", "topology": "4x4"}})
+    assert rc != 0
+    assert ("step pretrain: a TPU v5e 4x4 slice spans 4 hosts, which run as one gang: call it with "
+            "self.next(self.pretrain, num_parallel=4) and follow it with a join step") in out
+
+
+@pytest.mark.parametrize("compute, needle", [
+    ({"pretrain": {"kind": "tpu", "type": "v9", "topology": "2x2"}},
+     "compute.pretrain: unknown TPU type 'v9'; choose one of v4, v5e, v5p, v6e"),
+    ({"sft": {"kind": "gpu", "type": "h100", "count": 3}}, "compute.sft: GPU count 3"),
+    ({"pretrian": {"kind": "tpu"}}, "did you mean 'compute.pretrain'"),
+])
+def test_bad_compute_in_the_yaml_stops_the_flow_with_one_line(tmp_path, compute, needle):
+    rc, steps, out = pipeline_with(tmp_path, compute)
+    assert rc != 0 and steps is None
+    assert needle in out
+    assert "Traceback" not in out
+
+
+def test_tpu_completes_a_kubernetes_decorator_the_step_already_has():
+    rc, steps, out = probe(SINGLE)
+    assert rc == 0, out
+    kube = steps["start"]["kubernetes"]
+    assert steps["start"]["decorators"].count("kubernetes") == 1
+    assert kube["node_selector"] == {"team": "ml", "cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
+                                     "cloud.google.com/gke-tpu-topology": "2x2"}
+    assert kube["tolerations"] == [{"key": "team", "operator": "Exists"}, TPU_TOLERATION]
+    assert (kube["cpu"], kube["memory"]) == ("64", "131072")       # the larger of the two
+    # a topology from a Config value (config_expr) works too
+    assert steps["train"]["kubernetes"]["node_selector"]["cloud.google.com/gke-tpu-topology"] == "2x2"
+
+
+def test_tpu_topology_from_config_is_checked(tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"topology": "3x3"}))
+    rc, _, out = probe(SINGLE, 0, "--config", "cfg", str(cfg))
+    assert rc != 0
+    assert "step train: TPU v6e topology '3x3' is not offered; choose one of 1x1, 2x2, 2x4" in out
+
+
+def test_every_host_of_a_gang_gets_its_tpu_worker_environment(monkeypatch):
+    """The decorator's hook that runs before the step body on each of 4 hosts (no TPU needed)."""
+    from metaflow.plugins import STEP_DECORATORS   # the extension as Metaflow loaded it
+    TpuDecorator = next(d for d in STEP_DECORATORS if d.name == "tpu")
+    assert not TpuDecorator(attributes={"type": "v5e", "topology": "2x4"}).IS_PARALLEL
+    deco = TpuDecorator(attributes={"type": "v5e", "topology": "4x4"})
+    assert deco.IS_PARALLEL
+    master = "fl-1-control-0-0.fl-1.flaxchat.svc.cluster.local"
+    for node in range(4):
+        monkeypatch.setenv("MF_MASTER_ADDR", master)
+        monkeypatch.setenv("MF_PARALLEL_NUM_NODES", "4")
+        monkeypatch.setenv("MF_PARALLEL_NODE_INDEX", str(node))
+        monkeypatch.delenv("TPU_WORKER_ID", raising=False)
+        deco.setup_distributed_env(flow=None)
+        assert os.environ["TPU_WORKER_ID"] == str(node)
+        hosts = os.environ["TPU_WORKER_HOSTNAMES"].split(",")
+        assert hosts[0] == master and hosts[3] == "fl-1-worker-2-0.fl-1.flaxchat.svc.cluster.local"
