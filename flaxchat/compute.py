@@ -75,11 +75,14 @@ TPU_TOLERATION = {"key": "google.com/tpu", "operator": "Exists", "effect": "NoSc
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 SPOT_SELECTOR = "cloud.google.com/gke-spot"
 
-# Pod sizes when the config leaves cpu/memory/disk at 0: most of one host, leaving room for
-# the kubelet and GKE's daemons (a ct5lp-hightpu-4t has 112 vCPUs and 192 GB; an a3-highgpu-8g
-# 208 vCPUs and 1872 GB).
-DEFAULT_POD = {"tpu": {"cpu": 32, "memory": 131072, "disk": 102400},
-               "gpu": {"cpu": 96, "memory": 614400, "disk": 204800}}
+# Pod sizes when the config leaves cpu/memory/disk at 0, per chip / per GPU, so that the pod
+# fits the smallest GKE machine carrying that many (a v5e ct5lp-hightpu-1t has 24 vCPUs and 48 GB,
+# -4t 112 and 192 GB; a g2-standard-8 with one L4 8 vCPUs and 32 GB; an a3-highgpu-8g 208 and
+# 1872 GB) with room for the kubelet and GKE's daemons. Disk stays under the 100 GB boot disk.
+# Set compute.<stage>.cpu/memory to use more of a big host.
+PER_CHIP = {"cpu": 8, "memory": 32768}
+PER_GPU = {"cpu": 4, "memory": 16384}
+POD_DISK = 51200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,12 +160,12 @@ def placement(stage: str, spec: Any, tpu_image: str = "", gpu_image: str = "") -
     if kind not in KINDS:
         raise ComputeError(f"{where}.kind={kind!r} must be one of {', '.join(KINDS)}")
     if kind == "local":
-        stray = [f for f in ("type", "topology", "count", "image") if getattr(spec, f)]
+        stray = [f for f in ("type", "topology", "count", "cpu", "memory", "disk", "spot", "image") if getattr(spec, f)]
         if stray:
             raise ComputeError(f"{where}.{stray[0]} is set but {where}.kind is local; "
                                f"set {where}.kind to tpu or gpu, or remove it")
         return Placement(stage, "local", None, {})
-    sizes = {k: getattr(spec, k) or DEFAULT_POD[kind][k] for k in ("cpu", "memory", "disk")}
+    sizes = {k: getattr(spec, k) for k in ("cpu", "memory", "disk")}   # 0: the defaults above
     image = spec.image or (tpu_image if kind == "tpu" else gpu_image)
     try:
         if kind == "tpu":
@@ -172,7 +175,8 @@ def placement(stage: str, spec: Any, tpu_image: str = "", gpu_image: str = "") -
                 raise ComputeError(f"{where}: a TPU stage needs type (one of {', '.join(sorted(TPU_TYPES))}) "
                                    f"and topology (e.g. 2x2)")
             sl = tpu_slice(spec.type, spec.topology)
-            attrs = {"type": sl.type.name, "topology": sl.topology, "spot": bool(spec.spot), **sizes}
+            attrs = {"type": sl.type.name, "topology": sl.topology, "spot": bool(spec.spot),
+                     **{k: v for k, v in sizes.items() if v}}
             if image:
                 attrs["image"] = image
             return Placement(stage, "tpu", "tpu", attrs, sl.hosts)
@@ -191,12 +195,13 @@ def gpu_kubernetes_attributes(type_name: str, count: int, image: str = "", spot:
     selector = {"cloud.google.com/gke-accelerator": gpu_accelerator(type_name, count)}
     if spot:
         selector[SPOT_SELECTOR] = "true"
+    memory = memory or PER_GPU["memory"] * count
     attrs: dict[str, Any] = {
         "gpu": count, "gpu_vendor": "nvidia", "node_selector": selector, "tolerations": [dict(GPU_TOLERATION)],
-        "cpu": cpu or DEFAULT_POD["gpu"]["cpu"], "memory": memory or DEFAULT_POD["gpu"]["memory"],
-        "disk": disk or DEFAULT_POD["gpu"]["disk"],
-        # NCCL and JAX's host transfers use /dev/shm, which a pod caps at 64 MB by default
-        "shared_memory": 16384,
+        "cpu": cpu or PER_GPU["cpu"] * count, "memory": memory, "disk": disk or POD_DISK,
+        # NCCL and JAX's host transfers use /dev/shm, which a pod caps at 64 MB by default; it
+        # counts against the pod's memory, hence at most half of it
+        "shared_memory": min(16384, memory // 2),
     }
     if image:
         attrs["image"] = image
@@ -216,8 +221,8 @@ def tpu_kubernetes_attributes(sl: TpuSlice, image: str = "", spot: bool = False,
         # that host; "google.com/tpu" is an extended resource, not a GPU vendor
         "extended_resources": {"google.com/tpu": str(sl.chips_per_host)},
         "tolerations": [dict(TPU_TOLERATION)],
-        "cpu": cpu or DEFAULT_POD["tpu"]["cpu"], "memory": memory or DEFAULT_POD["tpu"]["memory"],
-        "disk": disk or DEFAULT_POD["tpu"]["disk"],
+        "cpu": cpu or PER_CHIP["cpu"] * sl.chips_per_host, "memory": memory or PER_CHIP["memory"] * sl.chips_per_host,
+        "disk": disk or POD_DISK,
     }
     if image:
         attrs["image"] = image

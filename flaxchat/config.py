@@ -224,7 +224,7 @@ class StageComputeConfig:
     type: str = ""                     # tpu: v4 | v5e (= v5litepod) | v5p | v6e; gpu: h100, a100-80gb, l4, ...
     topology: str = ""                 # tpu: e.g. 2x2, 2x4 (one host), 4x4 (several hosts), 2x2x1
     count: int = 0                     # gpu: GPUs on the node (1, 2, 4, 8 or 16)
-    cpu: int = 0                       # pod size per host; 0 = most of an accelerator host
+    cpu: int = 0                       # pod size per host; 0 = 8 CPUs + 32 GB per TPU chip, 4 + 16 GB per GPU
     memory: int = 0                    # MB
     disk: int = 0                      # MB
     spot: bool = False                 # select Spot nodes (cloud.google.com/gke-spot=true)

@@ -52,11 +52,19 @@ def test_tpu_pod_spec_per_host():
     assert attrs["tolerations"] == [{"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert attrs["image"] == "reg/flaxchat:tpu"
     assert "gpu" not in attrs
+    # pod size per host follows the chips on it: fits a 1-chip host, grows with 8-chip ones
+    assert (attrs["cpu"], attrs["memory"]) == (32, 131072)
+    one = tpu_kubernetes_attributes(tpu_slice("v5e", "1x1"))
+    eight = tpu_kubernetes_attributes(tpu_slice("v6e", "2x4"), cpu=100)
+    assert (one["cpu"], one["memory"], eight["cpu"], eight["memory"]) == (8, 32768, 100, 262144)
 
 
 def test_gpu_pod_spec_and_its_errors():
     attrs = gpu_kubernetes_attributes("h100", 8, image="reg/flaxchat:gpu", cpu=10)
-    assert (attrs["gpu"], attrs["gpu_vendor"], attrs["cpu"]) == (8, "nvidia", 10)
+    assert (attrs["gpu"], attrs["gpu_vendor"], attrs["cpu"], attrs["memory"]) == (8, "nvidia", 10, 131072)
+    assert attrs["shared_memory"] == 16384
+    small = gpu_kubernetes_attributes("l4", 1)                  # fits a g2-standard-8
+    assert (small["cpu"], small["memory"], small["shared_memory"]) == (4, 16384, 8192)
     assert attrs["node_selector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     assert attrs["tolerations"][0]["key"] == "nvidia.com/gpu"
     with pytest.raises(ComputeError, match="unknown GPU type 'h1000'; choose one of t4, l4"):
@@ -81,7 +89,7 @@ def test_compute_section_maps_each_stage_to_its_decorator():
     p = cfg.compute.placements()
     assert (p["pretrain"].decorator, p["pretrain"].hosts) == ("tpu", 4)
     assert p["pretrain"].attributes == {"type": "v6e", "topology": "4x4", "spot": False, "cpu": 100,
-                                        "memory": 131072, "disk": 102400, "image": "reg/flaxchat:tpu"}
+                                        "image": "reg/flaxchat:tpu"}
     assert p["sft"].attributes["image"] == "reg/other:tpu"              # the stage's own image wins
     assert p["eval"].decorator == "kubernetes" and p["eval"].attributes["gpu"] == 1
     assert p["eval"].attributes["image"] == "reg/flaxchat:gpu"
@@ -98,6 +106,7 @@ def test_compute_section_maps_each_stage_to_its_decorator():
     ({"sft": {"kind": "gpu", "type": "h100", "count": 8, "topology": "2x2"}}, "compute.sft.topology applies to TPUs"),
     ({"sft": {"kind": "tpu", "type": "v5e", "topology": "2x2", "count": 4}}, "compute.sft.count applies to GPUs"),
     ({"eval": {"topology": "2x2"}}, "compute.eval.topology is set but compute.eval.kind is local"),
+    ({"export": {"cpu": 8}}, "compute.export.cpu is set but compute.export.kind is local"),
 ])
 def test_bad_compute_config_names_the_key_and_the_fix(section, needle):
     with pytest.raises(ConfigError, match=needle):

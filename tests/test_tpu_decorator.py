@@ -89,6 +89,21 @@ def test_compute_section_places_each_stage(tmp_path):
         assert steps[name]["kubernetes"] is None, name
 
 
+def test_with_kubernetes_sends_the_rest_to_cpu_pods_and_the_config_wins_for_its_stages(tmp_path):
+    path = tmp_path / "overrides.yaml"
+    path.write_text(yaml.safe_dump({"compute": {"pretrain": {"kind": "tpu", "type": "v6e", "topology": "2x2"},
+                                                "sft": {"kind": "gpu", "type": "l4", "count": 1}}}))
+    rc, steps, out = probe(PIPELINE, 0, "--config", "config", str(path), "--with", "kubernetes:cpu=4,memory=16384")
+    assert rc == 0, out
+    for name in ("start", "tokenizer", "grpo", "eval", "export", "end"):
+        assert (steps[name]["kubernetes"]["cpu"], steps[name]["kubernetes"]["node_selector"]) == (4, None), name
+    pre = steps["pretrain"]
+    assert pre["decorators"].count("kubernetes") == 1            # @tpu completed the --with one
+    assert pre["kubernetes"]["node_selector"]["cloud.google.com/gke-tpu-topology"] == "2x2"
+    assert (pre["kubernetes"]["cpu"], pre["kubernetes"]["extended_resources"]) == ("32", {"google.com/tpu": "4"})
+    assert (steps["sft"]["kubernetes"]["gpu"], steps["sft"]["kubernetes"]["cpu"]) == (1, 4)
+
+
 def test_multi_host_gang_is_a_parallel_step_with_one_pod_per_host():
     rc, steps, out = probe(GANG, 4)
     assert rc == 0, out
@@ -168,3 +183,29 @@ def test_every_host_of_a_gang_gets_its_tpu_worker_environment(monkeypatch):
         assert os.environ["TPU_WORKER_ID"] == str(node)
         hosts = os.environ["TPU_WORKER_HOSTNAMES"].split(",")
         assert hosts[0] == master and hosts[3] == "fl-1-worker-2-0.fl-1.flaxchat.svc.cluster.local"
+
+
+def test_every_terraform_tpu_pool_is_a_slice_tpu_schedules_onto():
+    """@tpu's table against infra/terraform's pools: for each pool (default and example), the
+    pod @tpu builds selects that pool's labels, requests its chips per host, and a gang is as
+    wide as the pool has hosts."""
+    from flaxchat.compute import tpu_kubernetes_attributes, tpu_slice
+    from test_infra import all_tpu_pools, terraform, tpu_chips_per_host
+    labels = terraform()["locals"]["tpu_accelerator_labels"]
+    generation = {"ct5lp": "v5e", "ct5p": "v5p", "ct6e": "v6e"}
+    pools = all_tpu_pools()
+    assert pools
+    for name, pool in pools.items():
+        family = pool["machine_type"].split("-")[0]
+        sl = tpu_slice(generation[family], pool["topology"])
+        attrs = tpu_kubernetes_attributes(sl)
+        assert attrs["node_selector"] == {"cloud.google.com/gke-tpu-accelerator": labels[family],
+                                          "cloud.google.com/gke-tpu-topology": pool["topology"]}, name
+        assert attrs["extended_resources"] == {"google.com/tpu": str(tpu_chips_per_host(pool["machine_type"]))}, name
+        assert sl.hosts == pool["hosts"], name
+
+
+def test_the_step_image_carries_the_extension():
+    dockerfile = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
+    assert "COPY metaflow_extensions ./metaflow_extensions" in dockerfile
+    assert (ROOT / "metaflow_extensions" / "flaxchat" / "plugins" / "mfextinit_flaxchat.py").is_file()
