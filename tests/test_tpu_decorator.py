@@ -4,7 +4,9 @@ Each case loads a flow with Metaflow's CLI in a subprocess (tests/_compute_probe
 Metaflow attach and initialise the step decorators against a gs datastore that is never
 touched, and reads back per step: the decorators, Metaflow's graph (@parallel or not), the
 @kubernetes settings and the `kubernetes step` options Metaflow's runtime would launch the
-pod (or, with num-parallel, the JobSet of one control + N-1 workers) with.
+pod (or, with num-parallel, the JobSet of one control + N-1 workers) with. With the
+`kubernetes` client installed (the `k8s` extra), the last tests also render the Job / JobSet
+manifests with Metaflow's own builder; without it they skip.
 """
 
 import json
@@ -25,7 +27,8 @@ TPU_TOLERATION = {"key": "google.com/tpu", "operator": "Exists", "effect": "NoSc
 
 
 def probe(flow: Path, num_parallel: int = 0, *args: str) -> tuple[int, dict | None, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "METAFLOW_USER": "tester",
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "METAFLOW_USER": "tester",
            # only this checkout's metaflow_extensions (another checkout on sys.path would clash)
            "METAFLOW_EXTENSIONS_SEARCH_DIRS": str(ROOT),
            "METAFLOW_KUBERNETES_CONTAINER_IMAGE": DEFAULT_IMAGE}
@@ -209,3 +212,60 @@ def test_the_step_image_carries_the_extension():
     dockerfile = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
     assert "COPY metaflow_extensions ./metaflow_extensions" in dockerfile
     assert (ROOT / "metaflow_extensions" / "flaxchat" / "plugins" / "mfextinit_flaxchat.py").is_file()
+
+
+# ----------------------------------------------------------------------------- rendered manifests
+# Metaflow's own Job/JobSet builder needs the `kubernetes` client (the project's `k8s` extra).
+
+def _pod(replicated_job: dict) -> dict:
+    return replicated_job["template"]["spec"]["template"]["spec"]
+
+
+def test_rendered_jobset_for_a_four_host_slice():
+    pytest.importorskip("kubernetes")
+    from flaxchat.compute import tpu_worker_env
+    rc, steps, out = probe(GANG, 4)
+    assert rc == 0, out
+    jobset = steps["train"]["manifest"]
+    assert (jobset["apiVersion"], jobset["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+    name = jobset["metadata"]["name"]
+    assert [(rj["name"], rj["replicas"]) for rj in jobset["spec"]["replicatedJobs"]] == [("control", 1), ("worker", 3)]
+    for rj in jobset["spec"]["replicatedJobs"]:
+        pod = _pod(rj)
+        container = pod["containers"][0]
+        assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+                                       "cloud.google.com/gke-tpu-topology": "4x4"}
+        assert pod["tolerations"] == [TPU_TOLERATION]
+        assert container["resources"]["limits"] == {"google.com/tpu": "4"}
+        assert container["resources"]["requests"]["google.com/tpu"] == "4"
+        assert container["image"] == "registry/flaxchat:tpu"
+        assert pod["subdomain"] == name
+    env = {e["name"]: e.get("value") for e in _pod(jobset["spec"]["replicatedJobs"][0])["containers"][0]["env"]}
+    assert env["MF_WORLD_SIZE"] == "4"
+    # the host names @tpu hands libtpu are the JobSet's pod DNS names, control first
+    master = env["MF_MASTER_ADDR"]
+    tpu = tpu_worker_env({"MF_MASTER_ADDR": master, "MF_PARALLEL_NUM_NODES": "4", "MF_PARALLEL_NODE_INDEX": "2"})
+    domain = master.split(".", 1)[1]
+    assert domain.startswith(f"{name}.")
+    assert tpu["TPU_WORKER_HOSTNAMES"].split(",") == [f"{name}-control-0-0.{domain}"] + [
+        f"{name}-{rj}-{i}-0.{domain}" for rj, i in (("worker", 0), ("worker", 1), ("worker", 2))]
+
+
+def test_rendered_jobs_for_pipeline_stages(tmp_path):
+    pytest.importorskip("kubernetes")
+    rc, steps, out = pipeline_with(tmp_path, {"tpu_image": "reg/flaxchat:tpu",
+                                              "pretrain": {"kind": "tpu", "type": "v6e", "topology": "2x4"},
+                                              "sft": {"kind": "gpu", "type": "h100", "count": 8}})
+    assert rc == 0, out
+    job = steps["pretrain"]["manifest"]
+    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "Job")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
+                                   "cloud.google.com/gke-tpu-topology": "2x4"}
+    assert pod["containers"][0]["resources"]["limits"] == {"google.com/tpu": "8"}
+    assert pod["containers"][0]["image"] == "reg/flaxchat:tpu"
+    assert pod["tolerations"] == [TPU_TOLERATION]
+    gpu_pod = steps["sft"]["manifest"]["spec"]["template"]["spec"]
+    assert gpu_pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert gpu_pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+    assert steps["tokenizer"]["manifest"] is None                    # local: no pod at all
