@@ -5,8 +5,11 @@ the `kubernetes` client is importable (the project's `k8s` extra), the Job or Jo
 Metaflow's own builder (plugins/kubernetes/kubernetes.py) makes from them.
 
     python tests/_compute_probe.py FLOW_FILE NUM_PARALLEL [METAFLOW TOP-LEVEL OPTIONS...]
+    python tests/_compute_probe.py FLOW_FILE argo [METAFLOW TOP-LEVEL OPTIONS...]
 
-NUM_PARALLEL is what the step before a @parallel step passes to self.next (0: none).
+NUM_PARALLEL is what the step before a @parallel step passes to self.next (0: none). `argo`
+instead runs `argo-workflows create --only-json` (needs the `kubernetes` client) with the code
+package upload replaced by a fixed URL, and prints the WorkflowTemplate.
 
 Offline: the datastore is declared as gs (what @kubernetes insists on) but never touched,
 because the probe stops after Metaflow has initialised the step decorators (it wraps
@@ -59,7 +62,8 @@ def _manifest(flow, step_name: str, kube, num_parallel: int, environment, flow_d
         extended_resources=a["extended_resources"], security_context=a["security_context"])
     k8s = Kubernetes(datastore=flow_datastore, metadata=None, environment=environment)
     if num_parallel:
-        return client.ApiClient().sanitize_for_serialization(k8s.create_jobset(num_parallel=num_parallel, **args).dump())
+        jobset = k8s.create_jobset(num_parallel=num_parallel, **args)
+        return client.ApiClient().sanitize_for_serialization(jobset.dump())
     job = k8s.create_job_object(name_pattern="t-probe-", **args).create()
     return client.ApiClient().sanitize_for_serialization(job._job)
 
@@ -96,11 +100,20 @@ current-context: offline
 
 def main() -> None:
     flow_file = sys.argv[1]
-    num_parallel = int(sys.argv[2])
     path = os.path.join(tempfile.mkdtemp(prefix="probe-kube-"), "config")
     with open(path, "w") as f:
         f.write(_OFFLINE_KUBECONFIG)
     os.environ["KUBECONFIG"] = path
+    top = [flow_file, "--quiet", "--metadata", "local", "--datastore", "gs", "--datastore-root", "gs://probe/mf",
+           *sys.argv[3:]]
+    if sys.argv[2] == "argo":
+        from metaflow.datastore.flow_datastore import FlowDataStore
+        # the one step of `create --only-json` that would reach GCS: uploading the code package
+        FlowDataStore.save_data = lambda self, blobs, len_hint=0: [("gs://probe/mf/pkg", "0" * 40) for _ in blobs]
+        sys.argv = top + ["argo-workflows", "create", "--only-json"]
+        runpy.run_path(flow_file, run_name="__main__")
+        return
+    num_parallel = int(sys.argv[2])
     from metaflow import decorators
 
     original = decorators._init_step_decorators
@@ -112,8 +125,7 @@ def main() -> None:
         os._exit(0)
 
     decorators._init_step_decorators = probe
-    sys.argv = [flow_file, "--quiet", "--metadata", "local", "--datastore", "gs", "--datastore-root", "gs://probe/mf",
-                *sys.argv[3:], "check", "--no-pylint"]
+    sys.argv = top + ["check", "--no-pylint"]
     runpy.run_path(flow_file, run_name="__main__")
 
 

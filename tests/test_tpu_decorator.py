@@ -6,14 +6,17 @@ touched, and reads back per step: the decorators, Metaflow's graph (@parallel or
 @kubernetes settings and the `kubernetes step` options Metaflow's runtime would launch the
 pod (or, with num-parallel, the JobSet of one control + N-1 workers) with. With the
 `kubernetes` client installed (the `k8s` extra), the last tests also render the Job / JobSet
-manifests with Metaflow's own builder; without it they skip.
+manifests with Metaflow's own builder and the Argo WorkflowTemplate (`argo-workflows create
+--only-json`); without it they skip.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -176,6 +179,10 @@ def test_every_host_of_a_gang_gets_its_tpu_worker_environment(monkeypatch):
     assert not TpuDecorator(attributes={"type": "v5e", "topology": "2x4"}).IS_PARALLEL
     deco = TpuDecorator(attributes={"type": "v5e", "topology": "4x4"})
     assert deco.IS_PARALLEL
+    # a pod started with the wrong gang width (e.g. under Argo) stops before any JAX work
+    flow = SimpleNamespace(_parallel_ubf_iter=SimpleNamespace(num_parallel=2))
+    with pytest.raises(Exception, match="slice has 4 hosts but the step was called with num_parallel=2"):
+        deco.task_pre_step("train", None, None, "1", "2", flow, None, 0, 0, None, [])
     master = "fl-1-control-0-0.fl-1.flaxchat.svc.cluster.local"
     for node in range(4):
         monkeypatch.setenv("MF_MASTER_ADDR", master)
@@ -269,3 +276,47 @@ def test_rendered_jobs_for_pipeline_stages(tmp_path):
     assert gpu_pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     assert gpu_pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "8"}
     assert steps["tokenizer"]["manifest"] is None                    # local: no pod at all
+
+
+def _argo(flow: Path, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+           "METAFLOW_USER": "tester", "METAFLOW_EXTENSIONS_SEARCH_DIRS": str(ROOT),
+           "METAFLOW_KUBERNETES_CONTAINER_IMAGE": DEFAULT_IMAGE}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_compute_probe.py"), str(flow), "argo", *args],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {t["name"]: t for t in json.loads(proc.stdout)["spec"]["templates"]}
+
+
+def test_argo_workflow_template_runs_a_tpu_stage_on_its_slice(tmp_path):
+    pytest.importorskip("kubernetes")
+    path = tmp_path / "overrides.yaml"
+    path.write_text(yaml.safe_dump({"compute": {"tpu_image": "reg/flaxchat:tpu",
+                                                "pretrain": {"kind": "tpu", "type": "v5e", "topology": "2x2"}}}))
+    templates = _argo(PIPELINE, "--config", "config", str(path))
+    pretrain = templates["pretrain"]
+    assert pretrain["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+                                        "cloud.google.com/gke-tpu-topology": "2x2"}
+    assert pretrain["tolerations"] == [TPU_TOLERATION]
+    assert pretrain["container"]["resources"]["limits"] == {"google.com/tpu": "4"}
+    assert pretrain["container"]["image"] == "reg/flaxchat:tpu"
+    # Argo puts every step on Kubernetes; the local stages get Metaflow's defaults, no accelerator
+    assert "google.com/tpu" not in templates["sft"]["container"]["resources"]["limits"]
+    assert not templates["sft"].get("nodeSelector")
+
+
+def test_argo_workflow_template_runs_a_gang_as_a_jobset():
+    pytest.importorskip("kubernetes")
+    train = _argo(GANG)["train"]
+    # Argo fills `{{...}}` in before the manifest is parsed; quote the bare ones to read it here
+    text = re.sub(r": (\{\{[^}]*\}\})\s*$", r": '\1'", train["resource"]["manifest"], flags=re.M)
+    manifest = yaml.safe_load(text)
+    assert manifest["kind"] == "JobSet"
+    jobs = {rj["name"]: rj for rj in manifest["spec"]["replicatedJobs"]}
+    assert jobs["control"]["replicas"] == 1
+    assert "workerCount" in jobs["worker"]["replicas"]        # num_parallel - 1, set when the run starts
+    for rj in jobs.values():
+        pod = _pod(rj)
+        assert pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "4x4"
+        assert pod["containers"][0]["resources"]["limits"] == {"google.com/tpu": "4"}
+        assert pod["tolerations"] == [TPU_TOLERATION]

@@ -85,7 +85,6 @@ class TpuDecorator(ParallelDecorator):
             raise TpuException(f"step {step_name}: {exc}") from None
         if any(d.name == "batch" for d in decorators):
             raise TpuException(f"step {step_name}: @tpu runs on GKE; remove @batch")
-        self._hosts = sl.hosts
         if sl.multi_host:
             _check_gang(graph, step_name, sl)
             super().step_init(flow, graph, step_name, decorators, environment, flow_datastore, logger)
@@ -111,17 +110,14 @@ class TpuDecorator(ParallelDecorator):
         if not self.IS_PARALLEL:
             return
         if ubf_context == UBF_CONTROL:
-            n = cli_args.task.ubf_iter.num_parallel
-            if n != self._hosts:
-                sl = self.slice
-                raise TpuException(f"step {cli_args.task.step}: a TPU {sl.type.name} {sl.topology} slice has "
-                                   f"{sl.hosts} hosts but the step was called with num_parallel={n}; "
-                                   f"use num_parallel={sl.hosts}")
+            _check_width(self.slice, cli_args.task.step, cli_args.task.ubf_iter.num_parallel)
         super().runtime_step_cli(cli_args, retry_count, max_user_code_retries, ubf_context)
 
     def task_pre_step(self, step_name, task_datastore, metadata, run_id, task_id, flow, graph, retry_count,
                       max_user_code_retries, ubf_context, inputs):
         if self.IS_PARALLEL:
+            # again here, in every pod: under Argo the local runtime's check never runs
+            _check_width(self.slice, step_name, flow._parallel_ubf_iter.num_parallel)
             super().task_pre_step(step_name, task_datastore, metadata, run_id, task_id, flow, graph, retry_count,
                                   max_user_code_retries, ubf_context, inputs)
 
@@ -139,6 +135,12 @@ class TpuDecorator(ParallelDecorator):
         os.environ.update(env)
         if env:
             print(f"@tpu: host {env['TPU_WORKER_ID']} of {len(env['TPU_WORKER_HOSTNAMES'].split(','))}")
+
+
+def _check_width(sl: TpuSlice, step_name: str, num_parallel: int) -> None:
+    if num_parallel != sl.hosts:
+        raise TpuException(f"step {step_name}: a TPU {sl.type.name} {sl.topology} slice has {sl.hosts} hosts but "
+                           f"the step was called with num_parallel={num_parallel}; use num_parallel={sl.hosts}")
 
 
 def _check_gang(graph, step_name, sl: TpuSlice) -> None:
