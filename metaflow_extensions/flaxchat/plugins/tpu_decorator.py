@@ -37,7 +37,7 @@ class TpuException(MetaflowException):
     headline = "@tpu"
 
 
-# Metaflow's @kubernetes defaults: a value still at its default was not chosen by anyone
+# the pod sizes; @kubernetes keeps them as strings (its defaults: cpu "1", memory "4096", disk "10240")
 _KUBE_DEFAULT_SIZES = {"cpu": "1", "memory": "4096", "disk": "10240"}
 
 
@@ -54,7 +54,7 @@ class TpuDecorator(ParallelDecorator):
     image : str, optional
         Container image (one with jax[tpu]); default METAFLOW_KUBERNETES_CONTAINER_IMAGE.
     cpu, memory, disk : int, optional
-        Pod size per host (memory/disk in MB); default most of a TPU host.
+        Pod size per host (memory/disk in MB); default 8 CPUs and 32 GB per chip on the host, 50 GB disk.
     spot : bool, default False
         Select Spot TPU nodes.
     """
