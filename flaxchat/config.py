@@ -218,6 +218,44 @@ class ExportConfig:
 
 
 @dataclass
+class StageComputeConfig:
+    """Where one stage's step runs (flaxchat/compute.py checks it): `local` (this machine, or
+    wherever `--with kubernetes` sends every step), a GKE TPU slice, or one GKE GPU node."""
+    kind: Literal["local", "tpu", "gpu"] = "local"
+    type: str = ""                     # tpu: v4 | v5e (= v5litepod) | v5p | v6e; gpu: h100, a100-80gb, l4, ...
+    topology: str = ""                 # tpu: e.g. 2x2, 2x4 (one host), 4x4 (several hosts), 2x2x1
+    count: int = 0                     # gpu: GPUs on the node (1, 2, 4, 8 or 16)
+    cpu: int = 0                       # pod size per host; 0 = 8 CPUs + 32 GB per TPU chip, 4 + 16 GB per GPU
+    memory: int = 0                    # MB
+    disk: int = 0                      # MB
+    spot: bool = False                 # select Spot nodes (cloud.google.com/gke-spot=true)
+    image: str = ""                    # "" = compute.tpu_image / compute.gpu_image
+
+
+@dataclass
+class ComputeConfig:
+    """Per-stage placement, applied to the flow's steps as @tpu / @kubernetes when the flow is
+    loaded. Read from the --config YAML only (decorators are fixed before any step runs), so
+    presets and --preset never move a stage. Default: everything local."""
+    tpu_image: str = ""                # "" = METAFLOW_KUBERNETES_CONTAINER_IMAGE
+    gpu_image: str = ""
+    tokenizer: StageComputeConfig = field(default_factory=StageComputeConfig)
+    pretrain: StageComputeConfig = field(default_factory=StageComputeConfig)
+    sft: StageComputeConfig = field(default_factory=StageComputeConfig)
+    grpo: StageComputeConfig = field(default_factory=StageComputeConfig)
+    eval: StageComputeConfig = field(default_factory=StageComputeConfig)
+    export: StageComputeConfig = field(default_factory=StageComputeConfig)
+
+    def placements(self) -> dict:
+        """{stage: compute.Placement}, every stage validated."""
+        from flaxchat.compute import STAGES, ComputeError, placement
+        try:
+            return {s: placement(s, getattr(self, s), self.tpu_image, self.gpu_image) for s in STAGES}
+        except ComputeError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+@dataclass
 class PipelineConfig:
     preset: str = "demo"
     seed: int = 42
@@ -233,6 +271,7 @@ class PipelineConfig:
     grpo: TrainConfig = field(default_factory=grpo_defaults)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -379,6 +418,7 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
             raise ConfigError(f"mesh.{name}={size}: use a positive size or -1 for 'the rest of the devices'")
     if sum(getattr(cfg.mesh, n) == -1 for n in ("data", "fsdp", "tensor")) > 1:
         raise ConfigError("only one of mesh.data/mesh.fsdp/mesh.tensor may be -1")
+    cfg.compute.placements()
     return cfg
 
 

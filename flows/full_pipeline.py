@@ -25,6 +25,8 @@ from metaflow import Config, FlowSpec, Parameter, card, current, step  # noqa: E
 from metaflow.exception import MetaflowException  # noqa: E402
 
 from flaxchat.config import PipelineConfig, build_config  # noqa: E402
+# per-stage placement (the config's `compute` section) as @tpu / @kubernetes on the steps
+from metaflow_extensions.flaxchat.plugins.stage_compute import stage_compute  # noqa: E402
 
 
 def _git_revision() -> str:
@@ -87,12 +89,13 @@ def clear_errors():
         raise PipelineInputError(f"{type(exc).__name__}: {exc}") from None
 
 
+@stage_compute("config")
 class FullPipelineFlow(FlowSpec):
     """Train a chat model end to end; every stage is a versioned, resumable step."""
 
     overrides = Config("config", default_value={}, parser=yaml.safe_load,
                        help="YAML file of config overrides (sections: model, tokenizer, data, mesh, pretrain, "
-                            "tasks, sft, rl, grpo, eval, export)")
+                            "tasks, sft, rl, grpo, eval, export, compute)")
     preset = Parameter("preset", default="nanochat",
                        help="nanochat (its recipe at --depth) | demo (laptop, generated data) | tinystories | "
                             "climbmix | speedrun")
