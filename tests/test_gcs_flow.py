@@ -165,3 +165,30 @@ def test_adopting_a_final_checkpoint_on_gcs_is_a_server_side_copy(gcs_bucket, mo
     assert step == 6 and meta["note"] == "final"
     assert jnp.array_equal(restored["w"], state["w"]) and jnp.array_equal(restored["b"], state["b"])
     adopted.close()
+
+
+def _metaflow_provider(env_extra: dict) -> subprocess.CompletedProcess:
+    """Which GCP client Metaflow builds, asked in a fresh process (Metaflow reads its config at import)."""
+    code = ("from metaflow.plugins import GCP_CLIENT_PROVIDERS\n"
+            "from metaflow.metaflow_config import DEFAULT_GCP_CLIENT_PROVIDER as d\n"
+            "print(sorted(p.name for p in GCP_CLIENT_PROVIDERS), d)\n"
+            "if d == 'gcs-emulator':\n"
+            "    from metaflow.plugins.gcp.gs_storage_client_factory import get_gs_storage_client\n"
+            "    c = get_gs_storage_client()\n"
+            "    print(type(c._credentials).__name__, c.project)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("METAFLOW_DEFAULT_GCP_CLIENT_PROVIDER", "STORAGE_EMULATOR_HOST")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run([sys.executable, "-c", code], env={**env, **env_extra}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_emulator_client_provider_is_registered_and_only_used_when_selected():
+    default = _metaflow_provider({})
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.split("\n")[0] == "['gcp-default', 'gcs-emulator'] gcp-default"   # a real bucket: ADC
+    chosen = _metaflow_provider({"METAFLOW_DEFAULT_GCP_CLIENT_PROVIDER": "gcs-emulator",
+                                 "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})
+    assert chosen.returncode == 0, chosen.stderr
+    assert chosen.stdout.split("\n")[1] == "AnonymousCredentials test"
+    missing = _metaflow_provider({"METAFLOW_DEFAULT_GCP_CLIENT_PROVIDER": "gcs-emulator"})
+    assert missing.returncode != 0 and "gcs-emulator needs STORAGE_EMULATOR_HOST" in missing.stderr
