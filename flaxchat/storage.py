@@ -13,6 +13,8 @@ What this module adds are the rules that keep readers safe:
   renamed into place; remotely (no directory rename) every file goes up before the `last=`
   files (the manifest), and an overwrite deletes the old manifest before touching anything,
   so a reader that trusts only a directory with its manifest never sees a half-written one.
+* `copy`/`copy_dir` inside one object store are server-side (GCS: objects.rewrite), so adopting a
+  checkpoint never moves its bytes through this machine; `put_file` uploads one file atomically.
 * Failures are one-line `StorageError`s naming the URI (`NotFound` and `Denied` are also
   FileNotFoundError and PermissionError, which callers catch).
 
