@@ -28,6 +28,13 @@ FLOW = str(ROOT / "flows" / "full_pipeline.py")
 KILLHOOK = str(Path(__file__).resolve().parent / "killhook")
 
 
+def _with_root(pythonpath: str) -> str:
+    """PYTHONPATH with the repo root first (for metaflow_extensions), each directory once: Metaflow
+    refuses an extension package it finds twice."""
+    parts = [str(ROOT)] + [p for p in pythonpath.split(os.pathsep) if p and os.path.abspath(p) != str(ROOT)]
+    return os.pathsep.join(parts)
+
+
 def _flow_env(tmp_path, bucket: str, **extra) -> dict[str, str]:
     """A Metaflow run whose datastore is gs://<bucket>/metaflow on the emulator."""
     mf_local = tmp_path / "mf"
@@ -45,7 +52,7 @@ def _flow_env(tmp_path, bucket: str, **extra) -> dict[str, str]:
         "FLAXCHAT_LOG_FLUSH_RECORDS": "1",     # every logged record reaches gs:// before the next step
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         # the repo root for metaflow_extensions (an installed flaxchat has it on the path anyway)
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "PYTHONPATH": _with_root(os.environ.get("PYTHONPATH", "")),
         **extra,
     }
 
@@ -85,9 +92,10 @@ def test_whole_flow_on_gcs_with_a_killed_pretrain_and_resume(gcs_bucket, tmp_pat
     # run A: SIGKILLed while assembling pretraining batch 6 (checkpoints 2 and 4 were started)
     env = _flow_env(tmp_path, bucket, KILL_MODE="batch:6", KILL_STAGE="pretrain",
                     PYTHONPATH=os.pathsep.join([KILLHOOK, str(ROOT)]))
-    a, log = _flow(env, tmp_path, ["--config", "config", str(overrides), "run", "--artifact-root", art],
+    a, log = _flow(env, tmp_path, ["--config", "config", str(overrides), "run", "--preset", "demo", "--artifact-root", art],
                    "run-a", expect_ok=False)
     run_a = storage.join(art, "FullPipelineFlow", a)
+    assert "step 5/6" in log, log[-3000:]                 # killed in pretraining, not before
 
     # the data the run trains on: staged in the bucket, content-addressed, named only by gs:// URIs
     tok = _manifest(storage.join(run_a, "tokenizer"))
@@ -177,7 +185,7 @@ def _metaflow_provider(env_extra: dict) -> subprocess.CompletedProcess:
             "    c = get_gs_storage_client()\n"
             "    print(type(c._credentials).__name__, c.project)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("METAFLOW_DEFAULT_GCP_CLIENT_PROVIDER", "STORAGE_EMULATOR_HOST")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = _with_root(os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-c", code], env={**env, **env_extra}, capture_output=True, text=True,
                           timeout=120)
 
