@@ -33,7 +33,6 @@ sampled generation and streaming run speculatively (flaxchat.inference.speculati
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 from collections import Counter
 from collections.abc import Iterator
@@ -43,15 +42,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxchat.calculator import use_calculator
 from flaxchat.model.kv_cache import KVCache, decode, init_cache, prepare_params
 from flaxchat.model.gpt import ModelSpec, embed_tokens
 from flaxchat.inference.sampling import sample_tokens
+from flaxchat.inference.tools import run_tool  # engine_mod.run_tool: bench/grpo_bench.py wraps it
 
 MAX_STOP_TOKENS = 8        # stop-token list is padded to this (a fixed shape: no recompiles)
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 64      # smallest KV cache (slots); below this a step's attention is noise
-TOOL_TIMEOUT_S = 5.0
 
 
 class EngineError(ValueError):
@@ -185,36 +183,6 @@ def stream_window(old, new, width: int) -> tuple:
     one small fixed-shape transfer per step instead of the whole output buffer."""
     idx = jnp.minimum(old.n_out[0] + jnp.arange(width), new.out.shape[1] - 1)
     return new, new.out[0, idx], new.n_out[0] - old.n_out[0]
-
-
-def _show_last_expression(code: str) -> str:
-    """Like a REPL: a trailing bare expression's value is printed (unless it is None)."""
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return code                     # the sandbox reports the SyntaxError line
-    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
-        return code
-    shown = ast.parse("_flaxchat_value = None\nif _flaxchat_value is not None:\n    print(_flaxchat_value)")
-    shown.body[0].value = tree.body[-1].value
-    tree.body[-1:] = shown.body
-    return ast.unparse(ast.fix_missing_locations(tree))
-
-
-def run_tool(expr: str, timeout_s: float = TOOL_TIMEOUT_S) -> str:
-    """The text forced after a python block: calculator value, else sandbox stdout, else its error."""
-    value = use_calculator(expr)
-    if value is not None:
-        return value
-    from flaxchat.sandbox import SandboxError, run_code     # heavy; only loaded when code runs
-    try:
-        result = run_code(_show_last_expression(expr), timeout_s=timeout_s)
-    except SandboxError as err:
-        return f"error: {err}"
-    if result.ok:
-        return result.stdout.rstrip("\n")
-    lines = result.stderr.strip().splitlines()
-    return result.error or (lines[-1] if lines else "error")
 
 
 class Engine:
