@@ -6,8 +6,8 @@ Shape of a call (`Engine.generate`):
      gets a *cache bucket* of slots: the smallest of 64, 96, 128, 192, 256, ... (2^k and 3*2^(k-1))
      that holds the longest prompt + max_tokens, capped at the engine's max_len (`cache_bucket`).
      Every decode step attends over all cache slots, so a cache sized to the model's sequence_len
-     made a short request pay for slots it never fills (3.2x the work at 32 + 128 tokens of 512);
-     the buckets keep the number of compiles to a handful per batch bucket.
+     made a short request pay for slots it never fills (32 + 128 tokens attended over 512 slots,
+     now 192); the buckets keep the number of compiles to a handful per batch bucket.
   2. One jitted prefill runs the distinct prompts through the model in a single forward (right
      padded; each row's cache `pos` is its own prompt length, so padding is never attended: a slot
      beyond `pos` is overwritten before any query can see it), then gathers cache rows per sample.
