@@ -4,12 +4,26 @@ which needs a trained draft and target, is measured by bench/speculative_bench.p
     uv run python bench/engine_bench.py                 # CPU: depth 4 and 6, batch 1/8/32 (~minutes)
     uv run python bench/engine_bench.py --tokens 16     # quicker
     uv run python bench/engine_bench.py --gpu           # d12 and d20 at max_len 2048, bf16
+    uv run python bench/engine_bench.py --runcpu        # nanochat's runs/runcpu.sh model, 1 and 8 samples
+    uv run python bench/engine_bench.py --runcpu --nanochat   # ... interleaved with nanochat's own benchmark
+
+--runcpu is the side-by-side with nanochat (../shared/nanochat_bench/decode.py, see its README):
+depth 6, n_embd 384 (6 heads of 64), window L, sequence_len 512, vocab 32768, fp32; a 32-token
+prompt, 128 new tokens, temperature 1.0, num_samples 1 and 8 of the one prompt; an Engine with its
+DEFAULT settings (max_len = sequence_len, cache buckets on: the cache length it picked is printed).
+tok/s = tokens generated / wall time of the whole generate call (prefill included), the median of
+--repeats calls per round: nanochat's decode.py reports the same quantity (its tokens_per_s). With
+--nanochat each round first runs nanochat's decode.py (a subprocess with its own warm-up, in the venv
+of $NANOCHAT_VENV, source $NANOCHAT_SRC; it retrains its tokenizer every time, which is not timed),
+then ours, so both see the same machine load; the table gives the medians over rounds and the
+ratio of the medians. --unbucketed adds an Engine(bucket_cache=False) (cache = max_len = 512) row.
 
 Models have random weights (speed does not depend on them) and a stub tokenizer (vocab 8192 on CPU,
 32768 on GPU; only the special-token ids matter). Decode tokens/s = generated tokens / wall time
 of a second, already compiled `generate` call (greedy, no stop tokens, 16-token prompts, so prefill
 is a small part).
-compiles* = cumulative decode-loop compilations of the engine (one per batch bucket).
+cache = KV cache slots the engine chose (prompt + tokens rounded up to a cache bucket, at most max_len).
+compiles* = cumulative decode-loop compilations of the engine (one per batch bucket and cache bucket).
 GPU bandwidth utilisation = (bf16 block matrices + lm_head + the KV cache slots each step reads) *
 steps/s / the chip's HBM bandwidth.
 """
@@ -17,6 +31,11 @@ steps/s / the chip's HBM bandwidth.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -80,7 +99,7 @@ def model_bytes_per_step(model, engine: Engine, batch: int) -> float:
     params = model.param_tree()
     blocks = sum(x.size for x in jax.tree.leaves(params["blocks"]))
     weights = (blocks + params["lm_head"].size) * s.dtype.itemsize
-    cache = 2 * s.n_layer * batch * engine.max_len * s.kv_dim * s.dtype.itemsize
+    cache = 2 * s.n_layer * batch * engine.last_cache_len * s.kv_dim * s.dtype.itemsize
     return weights + cache
 
 
@@ -90,26 +109,108 @@ def run(depths: list[int], batches: list[int], tokens: int, vocab: int, max_len:
     kind = jax.devices()[0].device_kind
     hbm = next((bw for name, bw in HBM_BYTES_PER_S.items() if name in kind), None)
     print(f"device: {kind}  dtype {dtype}  vocab {vocab}  max_len {max_len}  tokens/row {tokens}")
-    print(f"{'depth':>5} {'batch':>5} {'first call s':>12} {'tok/s':>10} {'steps/s':>8} {'compiles*':>9}"
+    print(f"{'depth':>5} {'batch':>5} {'cache':>5} {'first call s':>12} {'tok/s':>10} {'steps/s':>8} {'compiles*':>9}"
           + (f" {'GB/s':>7} {'HBM util':>8}" if gpu else ""))
     for depth in depths:
         model = build(depth, vocab, max_len, dtype)
         engine = Engine(model, tok, max_len=max_len)
         for batch in batches:
             first, rate = decode_rate(engine, batch, tokens, vocab)
-            line = f"{depth:>5} {batch:>5} {first:>12.2f} {rate:>10.1f} {rate / batch:>8.1f} {engine.compile_count:>9}"
+            line = f"{depth:>5} {batch:>5} {engine.last_cache_len:>5} {first:>12.2f} {rate:>10.1f} {rate / batch:>8.1f} {engine.compile_count:>9}"
             if gpu:
                 gbs = model_bytes_per_step(model, engine, batch) * rate / batch / 1e9
                 line += f" {gbs:>7.0f} {gbs * 1e9 / hbm:>8.1%}" if hbm else f" {gbs:>7.0f} {'?':>8}"
             print(line, flush=True)
 
 
+RUNCPU = dict(depth=6, aspect_ratio=64, head_dim=64, window_pattern="L", sequence_len=512, vocab_size=32768,
+              compute_dtype="float32")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NANOCHAT_SCRIPT = os.path.join(REPO, "..", "shared", "nanochat_bench", "decode.py")
+
+
+def runcpu_rates(engine: Engine, prompt: list[int], samples: list[int], tokens: int, repeats: int,
+                 seed: int) -> dict[int, float]:
+    """{num_samples: median tok/s over `repeats` generate calls} at temperature 1, default settings."""
+    rates = {}
+    for ns in samples:
+        runs = []
+        for r in range(repeats):
+            secs, out = timed(lambda: engine.generate([prompt], num_samples=ns, max_tokens=tokens, temperature=1.0,
+                                                      seed=seed + r))
+            runs.append(sum(len(c.tokens) for c in out[0]) / secs)
+        rates[ns] = statistics.median(runs)
+    return rates
+
+
+def nanochat_rates(python: str, script: str, samples: list[int], tokens: int, repeats: int) -> dict[int, float]:
+    """One run of nanochat's decode benchmark -> {num_samples: its tokens_per_s at T=1.0}."""
+    cmd = [python, script, "--num-samples", ",".join(map(str, samples)), "--temperatures", "1.0",
+           "--max-tokens", str(tokens), "--prompt-tokens", "32", "--repeats", str(repeats), "--warmup", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"nanochat benchmark failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return {r["num_samples"]: r["tokens_per_s"] for r in summary["results"]}
+
+
+def runcpu(args) -> None:
+    from flaxchat.model.gpt import GPT
+    cfg = ModelConfig(**RUNCPU)
+    cfg.derive()
+    model = GPT(cfg, nnx.Rngs(0))
+    tok = StubTokenizer(cfg.vocab_size)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size - 16, 32).tolist()
+    samples = [1, 8]
+    engines = {"flaxchat": Engine(model, tok)}                 # the default settings
+    if args.unbucketed:
+        engines["flaxchat unbucketed"] = Engine(model, tok, bucket_cache=False)
+    for eng in engines.values():                                # compile outside the timed rounds
+        runcpu_rates(eng, prompt, samples, args.tokens or 128, 1, seed=0)
+    print(f"runcpu: depth {cfg.depth} n_embd {cfg.n_embd} heads {cfg.n_head}x{cfg.head_dim} vocab {cfg.vocab_size} "
+          f"seq {cfg.sequence_len} fp32, prompt 32, new {args.tokens or 128}, T=1.0, {args.rounds} rounds x "
+          f"{args.repeats} calls", flush=True)
+    rows: dict[str, dict[int, list[float]]] = {}
+    for r in range(args.rounds):
+        if args.nanochat:
+            got = nanochat_rates(args.nanochat_python, args.nanochat_script, samples, args.tokens or 128, args.repeats)
+            for ns in samples:
+                rows.setdefault("nanochat", {}).setdefault(ns, []).append(got[ns])
+        for name, eng in engines.items():
+            got = runcpu_rates(eng, prompt, samples, args.tokens or 128, args.repeats, seed=100 * r)
+            for ns in samples:
+                rows.setdefault(name, {}).setdefault(ns, []).append(got[ns])
+        print(f"round {r + 1}: " + "  ".join(f"{name} {ns}:{rows[name][ns][-1]:.0f}" for name in rows for ns in samples),
+              flush=True)
+    cache_len = {name: eng.last_cache_len for name, eng in engines.items()}
+    print(f"\n{'engine':<22} {'cache len':>9} " + " ".join(f"{f'{ns} sample' + ('s' if ns > 1 else ''):>11}"
+                                                          for ns in samples) + "   (median tok/s)")
+    for name, per in rows.items():
+        print(f"{name:<22} {cache_len.get(name, '-'):>9} " + " ".join(f"{statistics.median(per[ns]):>11.1f}" for ns in samples))
+    if "nanochat" in rows:
+        for name in engines:
+            print(f"{name + ' / nanochat':<32} " + " ".join(
+                f"{statistics.median(rows[name][ns]) / statistics.median(rows['nanochat'][ns]):>10.2f}x" for ns in samples))
+    print(json.dumps({"runcpu": {name: {str(ns): per[ns] for ns in samples} for name, per in rows.items()},
+                      "cache_len": cache_len}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="d12/d20, bf16, vocab 32768, max_len 2048")
     ap.add_argument("--tokens", type=int, default=None, help="tokens generated per row")
+    ap.add_argument("--runcpu", action="store_true", help="nanochat's runcpu.sh model, 1 and 8 samples (docstring)")
+    ap.add_argument("--nanochat", action="store_true", help="with --runcpu: interleave nanochat's decode benchmark")
+    ap.add_argument("--unbucketed", action="store_true", help="with --runcpu: also an Engine(bucket_cache=False)")
+    ap.add_argument("--rounds", type=int, default=3, help="with --runcpu: interleaved rounds")
+    ap.add_argument("--repeats", type=int, default=3, help="with --runcpu: timed generate calls per round")
+    ap.add_argument("--nanochat-python", default=os.path.join(os.environ.get("NANOCHAT_VENV", "/tmp/nanochat-venv"),
+                                                              "bin", "python"))
+    ap.add_argument("--nanochat-script", default=NANOCHAT_SCRIPT)
     args = ap.parse_args()
-    if args.gpu:
+    if args.runcpu:
+        runcpu(args)
+    elif args.gpu:
         tokens = args.tokens or 256
         run([12, 20], [1, 8, 32], tokens, 32768, 2048, "bfloat16", gpu=True)
     else:

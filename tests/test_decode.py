@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from flaxchat.config import ModelConfig
-from flaxchat.model.kv_cache import KVCache, init_cache, jit_decode
+from flaxchat.model.kv_cache import KVCache, init_cache, jit_decode, prepare_params
 from flaxchat.model.gpt import GPT, gpt_forward
 
 
@@ -73,16 +73,17 @@ def test_prefill_then_decode_equals_full_forward(pattern):
         assert np.abs(np.asarray(no_window[:, 130:] - full[:, 130:])).max() > 1e-3
 
 
-@pytest.mark.parametrize("unroll", [1, True])
-def test_tiny_windows_and_chunked_prefill(unroll):
+@pytest.mark.parametrize("prepared", [False, True])
+def test_tiny_windows_and_chunked_prefill(prepared):
     """Windows of 3..9 tokens; prefill in two chunks (the second starts mid-sequence and must smear
-    its first token with the cached previous embedding). Also with the layer loop unrolled (the
-    speculative draft's forward), where each layer's window must still be its own."""
+    its first token with the cached previous embedding); each layer's window is its own. With plain
+    params and with prepare_params' per-layer split (what the engine passes)."""
     spec, p = make("L", depth=3, seq_len=64, seed=3, n_kv_head=1)
     spec = dataclasses.replace(spec, windows=(3, 9, 64))
     idx = tokens(2, (1, 40))
     full = jax.jit(gpt_forward, static_argnums=1)(p, spec, idx)
-    decode = jit_decode(spec, unroll)
+    decode = jit_decode(spec)
+    p = prepare_params(p, spec) if prepared else p
     cache = init_cache(spec, 1, 48)
     a, cache = decode(p, cache, idx[:, :11])
     b, cache = decode(p, cache, idx[:, 11:30])
@@ -102,8 +103,8 @@ def test_rows_at_different_positions():
     advanced = generate_logits(decode, p, after_prefill, idx[:, 12:16], prefill=1)[1]
     after_prefill = kept
     # row 0 takes the cache that holds 16 tokens, row 1 the one that holds 12
-    cache = KVCache(k=jnp.stack([advanced.k[:, 0], after_prefill.k[:, 1]], axis=1),
-                    v=jnp.stack([advanced.v[:, 0], after_prefill.v[:, 1]], axis=1),
+    cache = KVCache(keys=tuple(jnp.stack([a[0], b[1]]) for a, b in zip(advanced.keys, after_prefill.keys)),
+                    values=tuple(jnp.stack([a[0], b[1]]) for a, b in zip(advanced.values, after_prefill.values)),
                     pos=jnp.stack([advanced.pos[0], after_prefill.pos[1]]),
                     prev_embed=jnp.stack([advanced.prev_embed[0], after_prefill.prev_embed[1]]))
     assert np.array_equal(cache.pos, [16, 12])
@@ -120,7 +121,9 @@ def test_model_methods_match_pure_decode():
     cfg.derive()
     model = GPT(cfg, nnx.Rngs(0))
     cache = model.init_cache(2, 16)
-    assert cache.k.shape == (2, 2, 16, 2, 32) and cache.prev_embed.shape == (2, 64)
+    # one head-major (B, Hkv, S, D) buffer per layer; .k stacks them token-major (the export layout)
+    assert [k.shape for k in cache.keys] == [(2, 2, 16, 32)] * 2 == [v.shape for v in cache.values]
+    assert cache.k.shape == (2, 2, 16, 2, 32) and cache.prev_embed.shape == (2, 64) and cache.max_len == 16
     idx = tokens(3, (2, 5))
     logits, cache = model.decode(idx, cache)
     np.testing.assert_allclose(logits, model(idx), rtol=1e-5, atol=1e-6)

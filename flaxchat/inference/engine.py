@@ -2,14 +2,20 @@
 
 Shape of a call (`Engine.generate`):
   1. Host: each prompt is repeated num_samples times; rows are padded to a power-of-two batch
-     bucket (dummy rows start finished) and prompts to a power-of-two length bucket.
+     bucket (dummy rows start finished) and prompts to a power-of-two length bucket. The KV cache
+     gets a *cache bucket* of slots: the smallest of 64, 96, 128, 192, 256, ... (2^k and 3*2^(k-1))
+     that holds the longest prompt + max_tokens, capped at the engine's max_len (`cache_bucket`).
+     Every decode step attends over all cache slots, so a cache sized to the model's sequence_len
+     made a short request pay for slots it never fills (32 + 128 tokens attended over 512 slots,
+     now 192); the buckets keep the number of compiles to a handful per batch bucket.
   2. One jitted prefill runs the distinct prompts through the model in a single forward (right
      padded; each row's cache `pos` is its own prompt length, so padding is never attended: a slot
      beyond `pos` is overwritten before any query can see it), then gathers cache rows per sample.
-  3. A jitted *segment* (`lax.while_loop`, model params passed as arguments) picks one token per
-     row per iteration, writes it to a (B, max_len) output buffer and feeds it back through
-     `kv_cache.decode`. It is compiled once per (batch bucket, max_len): temperature, top-k, top-p,
-     max_tokens, the seed and the stop tokens are all traced values.
+  3. A jitted *segment* (`lax.while_loop`, model params passed as arguments, their layers split
+     once per call by `kv_cache.prepare_params`) picks one token per row per iteration, writes it
+     to a (B, cache bucket) output buffer and feeds it back through `kv_cache.decode`. It is
+     compiled once per (batch bucket, cache bucket): temperature, top-k, top-p, max_tokens, the
+     seed and the stop tokens are all traced values.
   4. Tool use (nanochat's protocol). A segment returns to the host as soon as any row closes a
      python block (or every row is finished). The host decodes that row's expression, runs it in
      the calculator, or in the sandbox when the calculator refuses it, and writes
@@ -27,7 +33,6 @@ sampled generation and streaming run speculatively (flaxchat.inference.speculati
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 from collections import Counter
 from collections.abc import Iterator
@@ -37,14 +42,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxchat.calculator import use_calculator
-from flaxchat.model.kv_cache import KVCache, decode, init_cache
+from flaxchat.model.kv_cache import KVCache, decode, init_cache, prepare_params
 from flaxchat.model.gpt import ModelSpec, embed_tokens
 from flaxchat.inference.sampling import sample_tokens
+from flaxchat.inference.tools import run_tool  # engine_mod.run_tool: bench/grpo_bench.py wraps it
 
 MAX_STOP_TOKENS = 8        # stop-token list is padded to this (a fixed shape: no recompiles)
 MIN_PROMPT_BUCKET = 16
-TOOL_TIMEOUT_S = 5.0
+MIN_CACHE_BUCKET = 64      # smallest KV cache (slots); below this a step's attention is noise
 
 
 class EngineError(ValueError):
@@ -90,26 +95,38 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
-def prefill(params: dict, spec: ModelSpec, max_len: int, idx: jax.Array, lens: jax.Array,
+def cache_bucket(need: int, max_len: int) -> int:
+    """KV cache slots for a request that needs `need`: the smallest 2^k or 3*2^(k-1) >= need (and >=
+    MIN_CACHE_BUCKET), or max_len when that is smaller. Two buckets per octave: at most ~1.5x the
+    slots a request needs, and ~2*log2(max_len/64) distinct compiles per batch bucket."""
+    size = next_pow2(need, MIN_CACHE_BUCKET)
+    if size > MIN_CACHE_BUCKET and size * 3 // 4 >= need:
+        size = size * 3 // 4
+    return min(size, max_len)
+
+
+def prefill(params: dict, spec: ModelSpec, cache_len: int, idx: jax.Array, lens: jax.Array,
             row_src: jax.Array) -> tuple[KVCache, jax.Array]:
-    """Right-padded prompts idx (P,Lp) with lengths lens (P,) -> (cache of B=len(row_src) rows at
-    max_len, next-token logits (B,V)); row b is prompt row_src[b]. Rows with lens 0 are allowed (their
-    logits are meaningless)."""
+    """Right-padded prompts idx (P,Lp) with lengths lens (P,) -> (cache of B=len(row_src) rows with
+    cache_len slots, next-token logits (B,V)); row b is prompt row_src[b]. Rows with lens 0 are
+    allowed (their logits are meaningless)."""
     P = idx.shape[0]
-    logits, cache = decode(params, spec, init_cache(spec, P, max_len), idx)
+    logits, cache = decode(params, spec, init_cache(spec, P, cache_len), idx)
     last = jnp.maximum(lens - 1, 0)
     rows = jnp.arange(P)
     prev = embed_tokens(params, spec, idx[rows, last][:, None])[:, 0]
-    cache = KVCache(k=cache.k[:, row_src], v=cache.v[:, row_src], pos=lens[row_src].astype(jnp.int32),
-                    prev_embed=prev[row_src].astype(cache.prev_embed.dtype))
+    cache = KVCache(keys=tuple(k[row_src] for k in cache.keys), values=tuple(v[row_src] for v in cache.values),
+                    pos=lens[row_src].astype(jnp.int32), prev_embed=prev[row_src].astype(cache.prev_embed.dtype))
     return cache, logits[rows, last][row_src]
 
 
 def inference_params(params: dict, spec: ModelSpec) -> dict:
-    """Matrices and embedding tables cast to the compute dtype once per call, so each decode step
-    reads bf16 instead of fp32 masters (the model casts every one of them before use anyway, so the
-    result is identical); the fp32 scalars and per-layer lambdas are left alone."""
-    return jax.tree.map(lambda x: x.astype(spec.dtype) if x.ndim >= 2 else x, params)
+    """The params a decode loop takes, made once per call: matrices and embedding tables cast to the
+    compute dtype, so each step reads bf16 instead of fp32 masters (the model casts every one of
+    them before use anyway, so the result is identical; fp32 scalars and per-layer lambdas are left
+    alone), and the layers split out of the stacked blocks (`kv_cache.prepare_params`: slicing the
+    stack inside the loop would copy every layer's weights every step)."""
+    return prepare_params(jax.tree.map(lambda x: x.astype(spec.dtype) if x.ndim >= 2 else x, params), spec)
 
 
 def row_keys(seed: jax.Array, n_rows: int) -> jax.Array:
@@ -168,56 +185,35 @@ def stream_window(old, new, width: int) -> tuple:
     return new, new.out[0, idx], new.n_out[0] - old.n_out[0]
 
 
-def _show_last_expression(code: str) -> str:
-    """Like a REPL: a trailing bare expression's value is printed (unless it is None)."""
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return code                     # the sandbox reports the SyntaxError line
-    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
-        return code
-    shown = ast.parse("_flaxchat_value = None\nif _flaxchat_value is not None:\n    print(_flaxchat_value)")
-    shown.body[0].value = tree.body[-1].value
-    tree.body[-1:] = shown.body
-    return ast.unparse(ast.fix_missing_locations(tree))
-
-
-def run_tool(expr: str, timeout_s: float = TOOL_TIMEOUT_S) -> str:
-    """The text forced after a python block: calculator value, else sandbox stdout, else its error."""
-    value = use_calculator(expr)
-    if value is not None:
-        return value
-    from flaxchat.sandbox import SandboxError, run_code     # heavy; only loaded when code runs
-    try:
-        result = run_code(_show_last_expression(expr), timeout_s=timeout_s)
-    except SandboxError as err:
-        return f"error: {err}"
-    if result.ok:
-        return result.stdout.rstrip("\n")
-    lines = result.stderr.strip().splitlines()
-    return result.error or (lines[-1] if lines else "error")
-
-
 class Engine:
     """Generation for a GPT (`flaxchat.model.gpt.GPT`) and its tokenizer. See the module docstring."""
 
     def __init__(self, model, tokenizer, *, max_len: int | None = None, draft=None, spec_k: int = 4,
-                 max_tool_tokens: int = 64):
+                 max_tool_tokens: int = 64, bucket_cache: bool = True):
+        """max_len: the most tokens (prompt + output) a row may hold, default the model's
+        sequence_len. bucket_cache=False sizes every cache to max_len (the behaviour before cache
+        buckets; slower, kept for comparisons)."""
         self.model, self.tokenizer, self.draft, self.spec_k = model, tokenizer, draft, spec_k
         self.spec: ModelSpec = model.spec
         self.max_len = int(max_len or self.spec.sequence_len)
+        self.bucket_cache = bucket_cache
+        self.last_cache_len = 0           # cache slots of the last generate/stream call (for benchmarks)
         self.queue_len = max_tool_tokens + 2
         self.specials = dict(tokenizer.special_tokens)
         if draft is not None and draft.spec.vocab_size != self.spec.vocab_size:
             raise EngineError(f"draft vocab {draft.spec.vocab_size} != target vocab {self.spec.vocab_size}: "
                               "the draft must share the target's tokenizer")
         self.compile_counts: Counter[str] = Counter()
-        spec, specials, max_len_ = self.spec, self.specials, self.max_len
+        spec, specials = self.spec, self.specials
 
-        def _prefill(params, idx, lens, row_src, seed):
+        def _prefill(params, idx, lens, row_src, seed, cache_len):
             self.compile_counts["prefill"] += 1
-            cache, logits = prefill(params, spec, max_len_, idx, lens, row_src)
+            cache, logits = prefill(params, spec, cache_len, idx, lens, row_src)
             return cache, logits, row_keys(seed, row_src.shape[0])
+
+        def _params(params):
+            self.compile_counts["params"] += 1
+            return inference_params(params, spec)
 
         def _segment(params, st, cfg):
             self.compile_counts["segment"] += 1
@@ -233,7 +229,8 @@ class Engine:
                                q_head=jnp.where(served, 0, st.q_head), q_len=jnp.where(served, q_len, st.q_len),
                                needs_tool=st.needs_tool & ~served)
 
-        self._prefill = jax.jit(_prefill)
+        self._prefill = jax.jit(_prefill, static_argnums=(5,))
+        self.prepare = jax.jit(_params)    # param tree -> inference_params (one pass over the weights)
         self._segment = jax.jit(_segment, donate_argnums=(1,))
         self._step = jax.jit(_step, donate_argnums=(1,))
         self._inject = jax.jit(_inject, donate_argnums=(0,))
@@ -256,12 +253,13 @@ class Engine:
         if sampled at indices 0.. (-1 = sample), to drive the tool protocol deterministically."""
         cfg = self._settings(max_tokens, temperature, top_k, top_p, use_tools, stop_tokens)
         n_rows = len(prompts) * num_samples
+        cache_len = self._cache_len(prompts, max_tokens)
         if self._speculative is not None:
-            st, prefixes = self._speculative.start(prompts, num_samples, seed, _steer, use_tools)
             params, segment = self._speculative.params(), self._speculative.segment
+            st, prefixes = self._speculative.start(params, prompts, num_samples, seed, _steer, use_tools, cache_len)
         else:
-            st, prefixes = self._start(prompts, num_samples, seed, _steer, use_tools)
-            params, segment = inference_params(self.model.param_tree(), self.spec), self._segment
+            params, segment = self.prepare(self.model.param_tree()), self._segment
+            st, prefixes = self._start(params, prompts, num_samples, seed, _steer, use_tools, cache_len)
         while True:
             st = segment(params, st, cfg)
             needs = np.asarray(st.needs_tool)
@@ -282,12 +280,13 @@ class Engine:
         if num_samples != 1:
             raise EngineError(f"stream yields one row of tokens: num_samples must be 1, got {num_samples}")
         cfg = self._settings(max_tokens, temperature, top_k, top_p, use_tools, stop_tokens)
+        cache_len = self._cache_len([prompt], max_tokens)
         if self._speculative is not None:
-            st, prefixes = self._speculative.start([prompt], 1, seed, None, use_tools)
             params, step = self._speculative.params(), self._speculative.step
+            st, prefixes = self._speculative.start(params, [prompt], 1, seed, None, use_tools, cache_len)
         else:
-            st, prefixes = self._start([prompt], 1, seed, None, use_tools)
-            params, step = inference_params(self.model.param_tree(), self.spec), self._step
+            params, step = self.prepare(self.model.param_tree()), self._step
+            st, prefixes = self._start(params, [prompt], 1, seed, None, use_tools, cache_len)
         while True:
             st, window, count = step(params, st, cfg)
             done, window, count, needs = jax.device_get((st.done[0], window, count, st.needs_tool))
@@ -319,10 +318,17 @@ class Engine:
             raise EngineError(f"a prompt of {longest} tokens leaves no room in max_len={self.max_len}: "
                               "shorten it or build the Engine with a larger max_len")
 
-    def _pad_prompts(self, prompts: list[list[int]], num_samples: int) -> tuple[np.ndarray, ...]:
+    def _cache_len(self, prompts: list[list[int]], max_tokens: int) -> int:
+        """Cache slots for this request (module docstring, step 1); checks the prompts first."""
+        self._check_prompts(prompts)
+        need = max(len(p) for p in prompts) + max_tokens
+        self.last_cache_len = cache_bucket(need, self.max_len) if self.bucket_cache else self.max_len
+        return self.last_cache_len
+
+    def _pad_prompts(self, prompts: list[list[int]], num_samples: int, cache_len: int) -> tuple[np.ndarray, ...]:
         """(idx (P,Lp), lens (P,), row_src (B,)) with power-of-two buckets; dummy rows copy prompt 0."""
         P = next_pow2(len(prompts))
-        Lp = min(next_pow2(max(len(p) for p in prompts), MIN_PROMPT_BUCKET), self.max_len)
+        Lp = min(next_pow2(max(len(p) for p in prompts), MIN_PROMPT_BUCKET), cache_len)
         idx = np.zeros((P, Lp), np.int32)
         lens = np.zeros(P, np.int32)
         for i, p in enumerate(prompts):
@@ -332,23 +338,24 @@ class Engine:
         row_src[:n_rows] = np.repeat(np.arange(len(prompts)), num_samples)
         return idx, lens, row_src
 
-    def _start(self, prompts, num_samples, seed, steer_rows, use_tools) -> tuple[DecodeState, list[list[int] | None]]:
-        self._check_prompts(prompts)
-        idx, lens, row_src = self._pad_prompts(prompts, num_samples)
-        B, N = len(row_src), self.max_len
+    def _start(self, params, prompts, num_samples, seed, steer_rows, use_tools,
+               cache_len: int) -> tuple[DecodeState, list[list[int] | None]]:
+        """The decode state after prefill; the output buffers have cache_len columns (a row can
+        never emit more: its prompt already holds a slot)."""
+        idx, lens, row_src = self._pad_prompts(prompts, num_samples, cache_len)
+        B, N = len(row_src), cache_len
         n_rows = len(prompts) * num_samples
-        params = inference_params(self.model.param_tree(), self.spec)
-        cache, logits, keys = self._prefill(params, idx, lens, row_src, np.int32(seed))
-        tools, prefixes = self._tool_start(prompts, num_samples, B, steer_rows, use_tools)
+        cache, logits, keys = self._prefill(params, idx, lens, row_src, np.int32(seed), cache_len)
+        tools, prefixes = self._tool_start(prompts, num_samples, B, N, steer_rows, use_tools)
         zeros = np.zeros(B, np.int32)
         st = DecodeState(cache=cache, logits=logits, out=np.zeros((B, N), np.int32), forced=np.zeros((B, N), np.int32),
                          n_out=zeros, done=np.arange(B) >= n_rows, row_key=keys, **tools)
         return jax.tree.map(jnp.asarray, st), prefixes
 
-    def _tool_start(self, prompts, num_samples, B, steer_rows, use_tools) -> tuple[dict, list[list[int] | None]]:
+    def _tool_start(self, prompts, num_samples, B, N, steer_rows, use_tools) -> tuple[dict, list[list[int] | None]]:
         """The tool fields of a fresh decode state (queue, q_head, q_len, in_py, py_start, needs_tool,
-        steer) for B rows, and per row the expression opened in its prompt (or None)."""
-        N, Q = self.max_len, self.queue_len
+        steer (B,N)) for B rows, and per row the expression opened in its prompt (or None)."""
+        Q = self.queue_len
         queue, q_len = np.zeros((B, Q), np.int32), np.zeros(B, np.int32)
         in_py = np.zeros(B, bool)
         prefixes: list[list[int] | None] = [None] * B
@@ -361,7 +368,7 @@ class Engine:
                 queue[r, :len(forced)], q_len[r] = forced, len(forced)
         steer = np.full((B, N), -1, np.int32)
         for r, row in enumerate(steer_rows or []):
-            steer[r, :len(row)] = row
+            steer[r, :len(row)] = row[:N]
         zeros = np.zeros(B, np.int32)
         return dict(queue=queue, q_head=zeros, q_len=q_len, in_py=in_py, py_start=zeros,
                     needs_tool=np.zeros(B, bool), steer=steer), prefixes

@@ -19,9 +19,10 @@ consumed as proposals that are accepted unconditionally: forced tokens replace t
 samples in the draft scan, so they enter both caches through the normal path, are verified in the
 same target forward as ordinary drafts, and are marked forced. The token after the last forced one
 is the target's own choice (its logits condition on the whole forced output).
-Near max_len the k+1-token forwards may run past the cache: those writes are dropped (kv_cache),
-and the walk stops emission when prompt + output reaches max_len, as the plain engine does; the
-logits it used all come from positions inside the cache.
+Near the end of the cache (the engine's cache bucket: prompt + max_tokens rounded up, at most
+max_len) the k+1-token forwards may run past it: those writes are dropped (kv_cache), and the walk
+stops emission when prompt + output fills the cache, as the plain engine does; the logits it used
+all come from positions inside the cache.
 Under greedy decoding the tokens are therefore exactly the target's own greedy tokens, with or
 without tool calls (tests/test_speculative.py).
 """
@@ -37,7 +38,7 @@ import numpy as np
 from flaxchat.inference.engine import inference_params, prefill, row_keys, stream_window
 from flaxchat.model.kv_cache import KVCache, decode
 from flaxchat.model.gpt import ModelSpec, embed_tokens
-from flaxchat.inference.sampling import sample_tokens, token_probs
+from flaxchat.inference.sampling import draw, sample_tokens, token_probs
 
 
 class SpecState(NamedTuple):
@@ -74,11 +75,12 @@ def _draft(dparams: dict, dspec: ModelSpec, st: SpecState, base: jax.Array, fmas
     """k proposals (B,k) with the draft's logits (B,k,V) and its cache after cur, d1..dk. Proposal i is
     the forced token i when one is waiting (fmask (B,k+1)), else the draft's sample.
     Both loops (k+1 steps, the draft's layers) are unrolled: a small model's forward is cheaper than
-    a loop trip on GPU, where each while-loop iteration waits for its predicate on the host."""
+    a loop trip on GPU, where each while-loop iteration waits for its predicate on the host (the
+    layers are always unrolled: flaxchat.model.kv_cache)."""
     def one(carry, x):
         dcache, tok = carry
         i, f_on, f_tok = x
-        logits, dcache = decode(dparams, dspec, dcache, tok[:, None], unroll=True)
+        logits, dcache = decode(dparams, dspec, dcache, tok[:, None])
         nxt = sample_tokens(logits[:, 0], _fold(base, i), cfg.temperature, cfg.top_k, cfg.top_p)
         return (dcache, jnp.where(f_on, f_tok, nxt)), (jnp.where(f_on, f_tok, nxt), logits[:, 0])
 
@@ -108,7 +110,7 @@ def _accept(tlogits, dlogits, drafts, fmask, ftok, steer, base, k: int, cfg) -> 
     q_n = jnp.where((n_acc < k)[:, None], q[rows, jnp.minimum(n_acc, k - 1)], 0.0)
     resid = jnp.maximum(p_n - q_n, 0.0)
     resid = jnp.where(resid.sum(-1, keepdims=True) > 0, resid, p_n)
-    sampled = jax.vmap(jax.random.categorical)(_fold(base, k + 2), jnp.log(resid)).astype(jnp.int32)
+    sampled = draw(resid, jax.vmap(lambda key: jax.random.uniform(key, ()))(_fold(base, k + 2)))
     nxt = jnp.where(temp <= 0, targmax[rows, n_acc], sampled)
     nxt = jnp.where(steer[rows, n_acc] >= 0, steer[rows, n_acc], nxt)
     return n_acc, jnp.where(fmask[rows, n_acc], ftok[rows, n_acc], nxt)
@@ -117,7 +119,7 @@ def _accept(tlogits, dlogits, drafts, fmask, ftok, steer, base, k: int, cfg) -> 
 def _walk(emitted, n_emit, st: SpecState, specials: dict[str, int], cfg):
     """The plain engine's per-token bookkeeping over this iteration's (B,k+1) emitted tokens: python
     block state, and where emission ends (after a stop token, after a closing <|python_end|> when
-    tools are on, at max_tokens, when prompt + output fills max_len: the cache holds all but `cur`, so
+    tools are on, at max_tokens, when prompt + output fills the cache: it holds all but `cur`, so
     that is pos + 1 + count). -> (count, in_py, py_start, stopped, tool_call)."""
     B = emitted.shape[0]
     start, end = specials["<|python_start|>"], specials["<|python_end|>"]
@@ -186,7 +188,7 @@ def speculative_step(tparams: dict, tspec: ModelSpec, dparams: dict, dspec: Mode
 
 
 class SpeculativeDecoder:
-    """Owns the jitted speculative loop of an Engine (compiled once per batch bucket and max_len).
+    """Owns the jitted speculative loop of an Engine (compiled once per batch bucket and cache bucket).
     `Engine.generate` drives it like its own loop: start -> segment until no row waits for a tool;
     `Engine.stream` calls `step` (one iteration) and yields what each iteration emitted."""
 
@@ -194,13 +196,13 @@ class SpeculativeDecoder:
         if k < 1:
             raise ValueError(f"spec_k={k} must be >= 1 (draft tokens proposed per target forward)")
         self.engine, self.draft, self.k = engine, draft, k
-        counts, tspec, dspec, max_len = engine.compile_counts, engine.spec, draft.spec, engine.max_len
+        counts, tspec, dspec = engine.compile_counts, engine.spec, draft.spec
         specials = engine.specials
 
-        def _prefill(tparams, dparams, idx, lens, row_src, seed):
+        def _prefill(tparams, dparams, idx, lens, row_src, seed, cache_len):
             counts["spec_prefill"] += 1
-            tcache, _ = prefill(tparams, tspec, max_len, idx, lens, row_src)
-            dcache, _ = prefill(dparams, dspec, max_len, idx, lens, row_src)
+            tcache, _ = prefill(tparams, tspec, cache_len, idx, lens, row_src)
+            dcache, _ = prefill(dparams, dspec, cache_len, idx, lens, row_src)
             return tcache, dcache, row_keys(seed, row_src.shape[0])
 
         def _segment(params, st, cfg):
@@ -215,28 +217,29 @@ class SpeculativeDecoder:
             new = speculative_step(params[0], tspec, params[1], dspec, specials, k, st, cfg)
             return stream_window(st, new, k + 1)
 
-        self._prefill = jax.jit(_prefill)
+        self._prefill = jax.jit(_prefill, static_argnums=(6,))
+        self._prepare_draft = jax.jit(lambda params: inference_params(params, dspec))
         self.segment = jax.jit(_segment, donate_argnums=(1,))
         self.step = jax.jit(_step, donate_argnums=(1,))     # one iteration, for Engine.stream
         self.last_target_forwards = 0     # loop iterations of the last generate (one target forward each)
 
     def params(self) -> tuple[dict, dict]:
-        return (inference_params(self.engine.model.param_tree(), self.engine.spec),
-                inference_params(self.draft.param_tree(), self.draft.spec))
+        return self.engine.prepare(self.engine.model.param_tree()), self._prepare_draft(self.draft.param_tree())
 
-    def start(self, prompts: list[list[int]], num_samples: int, seed: int, steer_rows, use_tools: bool):
-        """-> (SpecState, per-row prompt-opened python expressions) for prompts x num_samples."""
+    def start(self, params: tuple[dict, dict], prompts: list[list[int]], num_samples: int, seed: int, steer_rows,
+              use_tools: bool, cache_len: int):
+        """-> (SpecState, per-row prompt-opened python expressions) for prompts x num_samples, both
+        caches with cache_len slots (Engine._cache_len, which also checked the prompts)."""
         eng = self.engine
-        eng._check_prompts(prompts)
         # the caches hold all but the last prompt token, which the first step feeds as `cur`
-        idx, _, row_src = eng._pad_prompts([p[:-1] or p for p in prompts], num_samples)
+        idx, _, row_src = eng._pad_prompts([p[:-1] or p for p in prompts], num_samples, cache_len)
         lens = np.zeros(len(idx), np.int32)
         lens[:len(prompts)] = [len(p) - 1 for p in prompts]
-        B, N = len(row_src), eng.max_len
+        B, N = len(row_src), cache_len
         n_rows = len(prompts) * num_samples
-        tparams, dparams = self.params()
-        tcache, dcache, keys = self._prefill(tparams, dparams, idx, lens, row_src, np.int32(seed))
-        tools, prefixes = eng._tool_start(prompts, num_samples, B, steer_rows, use_tools)
+        tparams, dparams = params
+        tcache, dcache, keys = self._prefill(tparams, dparams, idx, lens, row_src, np.int32(seed), cache_len)
+        tools, prefixes = eng._tool_start(prompts, num_samples, B, N, steer_rows, use_tools)
         cur = np.zeros(B, np.int32)
         cur[:n_rows] = np.repeat([p[-1] for p in prompts], num_samples)
         st = SpecState(tcache=tcache, dcache=dcache, cur=cur, out=np.zeros((B, N), np.int32),

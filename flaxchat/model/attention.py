@@ -153,10 +153,24 @@ def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int) -> 
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos: jax.Array,
-                     window: jax.Array) -> jax.Array:
-    """Decode/prefill attention against a KV cache. q (B,T,H,D); caches (B,S,Hkv,D) already hold
-    this chunk's keys; q_pos (B,T) absolute positions. Slots after q_pos (unwritten or stale) are
-    excluded by causality, so no separate length mask is needed."""
-    S = k_cache.shape[1]
-    mask = window_mask(q_pos, jnp.arange(S, dtype=jnp.int32), window)[:, None]   # (B, 1, T, S)
-    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask, implementation="xla")
+                     window: jax.Array | int) -> jax.Array:
+    """Decode/prefill attention against one layer's KV cache. q (B,T,H,D); caches (B,Hkv,S,D),
+    head-major as flaxchat.model.kv_cache stores them, already holding this chunk's keys; q_pos (B,T)
+    absolute positions. Slots after q_pos (unwritten or stale) are excluded by causality, so no
+    separate length mask is needed. -> (B,T,H,D).
+
+    Written out rather than `jax.nn.dot_product_attention` (which wants token-major (B,S,Hkv,D)
+    keys): both dots here contract a cache in the order it is stored, so XLA reads it in place
+    instead of transposing it every step. The math is that function's "xla" path: fp32 scores
+    scaled by 1/sqrt(D), a large finite negative where masked, fp32 softmax cast to the value dtype.
+    GQA groups the H query heads by kv head instead of repeating the cache."""
+    B, T, H, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, T, Hkv, H // Hkv, D)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(1.0 / np.sqrt(D))
+    mask = window_mask(q_pos, jnp.arange(S, dtype=jnp.int32), window)[:, None, None]   # (B,1,1,T,S)
+    scores = jnp.where(mask, scores, jnp.float32(-0.7 * np.finfo(np.float32).max))
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache)
+    return out.reshape(B, T, H, D)

@@ -1,0 +1,114 @@
+"""Cache buckets (flaxchat.inference.engine.cache_bucket) and the decode loop's cache layout.
+
+The engine sizes each request's KV cache to prompt + max_tokens rounded up to a bucket (2^k or
+3*2^(k-1), at least 64, at most max_len) instead of max_len: checked here are the sizes chosen, that
+the number of decode-loop compiles stays the number of buckets used, that greedy output (tool
+calls included, and speculative decoding whose k+1-token forwards overrun a full cache) is the same
+as with a max_len cache, and that the compiled loop reads the per-layer caches and weights in place
+(no per-step copy or transpose of a cache- or weight-shaped buffer: what cost ~1/3 of a step).
+"""
+
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxchat.inference.engine import MIN_CACHE_BUCKET, Engine, cache_bucket
+from tiny_models import TinyModel, tiny_tokenizer
+
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(with_sums=True)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return TinyModel(tok.vocab_size)
+
+
+def prompts_of(tok):
+    bos = tok.bos_token_id
+    return [[bos] + tok.encode("the cat sat on the mat"), [bos] + tok.encode("a dog"), [bos]]
+
+
+def test_bucket_sizes():
+    assert [cache_bucket(n, 512) for n in (1, 17, 64, 65, 96, 97, 129, 160, 193, 385, 600)] == \
+        [64, 64, 64, 96, 96, 128, 192, 192, 256, 512, 512]
+    assert cache_bucket(160, 100) == 100                      # never past max_len
+    sizes = {cache_bucket(n, 2048) for n in range(1, 2049)}
+    assert sizes == {64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048} and MIN_CACHE_BUCKET == 64
+    assert all(cache_bucket(n, 2048) < 1.5 * n + 1 for n in range(MIN_CACHE_BUCKET, 2049))   # little waste
+
+
+def test_greedy_same_as_max_len_cache_and_compiles_bounded(tok, model):
+    """Requests needing 13..258 slots use the buckets 64, 96, 128, 192 and 256 (= max_len): one
+    compile each, none on repeats; every greedy completion equals the unbucketed engine's."""
+    ps, pe = tok.encode_special("<|python_start|>"), tok.encode_special("<|python_end|>")
+    bucketed = Engine(model, tok, max_len=MAX_LEN)
+    full = Engine(model, tok, max_len=MAX_LEN, bucket_cache=False)
+    prompts = prompts_of(tok)
+    steer = [[5, ps] + tok.encode("6*7") + [pe], [], []]     # row 0 calls the calculator mid-generation
+    longest = max(len(p) for p in prompts)
+    plan = [(5, 64), (50, 64), (57, 96), (90, 128), (100, 128), (150, 192), (MAX_LEN - longest - 1, MAX_LEN)]
+    for max_tokens, want_len in plan + plan:
+        kw = dict(max_tokens=max_tokens, temperature=0.0, stop_tokens=[], _steer=steer)
+        got = bucketed.generate(prompts, **kw)
+        assert bucketed.last_cache_len == want_len == cache_bucket(longest + max_tokens, MAX_LEN)
+        want = full.generate(prompts, **kw)
+        assert full.last_cache_len == MAX_LEN
+        assert [(c[0].tokens, c[0].forced) for c in got] == [(c[0].tokens, c[0].forced) for c in want]
+        assert all(len(c[0].tokens) == max_tokens for c in got)
+    assert sum(got[0][0].forced) == 4                          # <|output_start|> 42 <|output_end|>
+    assert bucketed.compile_counts["segment"] == 5 and full.compile_counts["segment"] == 1
+    # streaming uses the same buckets, compiled once each
+    streamed = list(bucketed.stream(prompts[1], max_tokens=50, temperature=0.0, stop_tokens=[]))
+    assert streamed == full.generate([prompts[1]], max_tokens=50, temperature=0.0, stop_tokens=[])[0][0].tokens
+    assert bucketed.last_cache_len == 64 and bucketed.compile_counts["step"] == 1
+
+
+def test_speculative_filling_its_bucket_equals_plain(tok, model):
+    """prompt + max_tokens = 64 exactly: the last target forwards write past the 64-slot cache
+    (dropped) and emission must stop where the max_len cache would have let it continue."""
+    draft = TinyModel(tok.vocab_size, depth=1, seed=7)
+    spec = Engine(model, tok, max_len=MAX_LEN, draft=draft, spec_k=3)
+    full = Engine(model, tok, max_len=MAX_LEN, bucket_cache=False)
+    prompt = prompts_of(tok)[0]
+    kw = dict(max_tokens=64 - len(prompt), temperature=0.0, stop_tokens=[], use_tools=False)
+    got = spec.generate([prompt], **kw)[0][0].tokens
+    assert spec.last_cache_len == 64 and len(got) == 64 - len(prompt)
+    assert got == full.generate([prompt], **kw)[0][0].tokens
+
+
+def _loop_body_hlo(engine, prompts, max_tokens):
+    """Optimized HLO of the engine's decode segment for this request."""
+    cfg = engine._settings(max_tokens, 1.0, 0, 1.0, False, [])
+    cache_len = engine._cache_len(prompts, max_tokens)
+    params = engine.prepare(engine.model.param_tree())
+    st, _ = engine._start(params, prompts, 1, 0, None, False, cache_len)
+    return engine._segment.lower(params, st, cfg).compile().as_text(), cache_len
+
+
+def test_decode_loop_reads_caches_and_weights_in_place(tok, model):
+    engine = Engine(model, tok, max_len=MAX_LEN)
+    prompts = prompts_of(tok)
+    hlo, S = _loop_body_hlo(engine, prompts, 100)
+    s = model.spec
+    B = 4                                                              # 3 prompts -> batch bucket 4
+    cache = f"f32[{B},{s.n_kv_head},{S},{s.head_dim}]"
+    # a layer's K or V in any order (a transposed copy has the permuted shape)
+    cache_like = {"f32[" + ",".join(map(str, p)) + "]" for p in itertools.permutations((B, s.n_kv_head, S, s.head_dim))}
+    weights = {f"f32[{s.n_embd},{s.n_embd}]", f"f32[{s.n_embd},{4 * s.n_embd}]", f"f32[{4 * s.n_embd},{s.n_embd}]"}
+    produced = re.findall(r"^\s*(?:ROOT )?%(\S+) = (f32\[[\d,]+\])\S* (\w[\w-]*)\(", hlo, flags=re.M)
+    assert any(shape == cache and "scatter" in name for name, shape, _ in produced)     # the in-place write
+    # a copy is an op of its own or a fusion XLA names after what it fuses (transpose_copy_fusion,
+    # dynamic-slice_bitcast_fusion: the per-step copies the old stacked layout made)
+    moved = [(name, shape) for name, shape, op in produced if (shape in cache_like or shape in weights)
+             and (op in ("copy", "transpose", "slice", "dynamic-slice")
+                  or (op == "fusion" and re.search(r"copy|transpose|slice", name)))]
+    assert moved == [], moved
