@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxchat.model.kv_cache import decode, init_cache
+from flaxchat.model.kv_cache import decode, init_cache, prepare_params
 
 
 def make_sampler(tokenizer, prompts: list[str], max_new_tokens: int = 48
@@ -23,6 +23,7 @@ def make_sampler(tokenizer, prompts: list[str], max_new_tokens: int = 48
 
     @functools.partial(jax.jit, static_argnums=(0,))
     def generate(spec, params, prompt):                                   # prompt (1,P) int32
+        params = prepare_params(params, spec)      # split the layer weights once, not every scanned step
         cache = init_cache(spec, 1, prompt.shape[1] + max_new_tokens)
         logits, cache = decode(params, spec, cache, prompt)
         first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
