@@ -21,7 +21,7 @@ if (os.environ.get("METAFLOW_USER") or os.environ.get("USERNAME") or os.environ.
     os.environ.setdefault("METAFLOW_USER", "flaxchat")
 
 import yaml  # noqa: E402
-from metaflow import Config, FlowSpec, Parameter, card, current, step  # noqa: E402
+from metaflow import Config, FlowSpec, Parameter, card, current, parallel, step  # noqa: E402
 from metaflow.exception import MetaflowException  # noqa: E402
 
 from flaxchat.config import PipelineConfig, build_config  # noqa: E402
@@ -66,6 +66,15 @@ def _origin_of(pathspec: str) -> str | None:
         print(f"warning: cannot read which run {pathspec} resumed ({type(exc).__name__}: {exc}); "
               f"checkpoints of runs before it are not searched")
     return None
+
+
+def _leave_distributed() -> None:
+    """Leave the multi-process JAX job while every process of the @parallel step is still in it.
+    Left to interpreter exit, a local worker would wait in JAX's shutdown barrier for node 0 while
+    node 0 waits for the worker process to end (Metaflow's local @parallel), for the barrier's 300 s."""
+    import jax
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
 
 
 class PipelineInputError(MetaflowException):
@@ -116,15 +125,32 @@ class FullPipelineFlow(FlowSpec):
             print(f"{stage}: resumed; looking for checkpoints in runs {', '.join(runs)} (nearest first)")
         return [storage.join(self.artifact_base, current.flow_name, run_id, stage, "checkpoints") for run_id in runs]
 
-    def _train_stage(self, name: str, inputs: dict, live, summary) -> dict:
-        """Run a training stage; after `resume`, continue from the newest checkpoint along the chain."""
+    def _train_stage(self, name: str, inputs: dict, live, summary) -> dict | None:
+        """Run a training stage in this process, one JAX host of `mesh.num_parallel` (a Metaflow
+        @parallel task; jax.distributed joins the processes from MF_PARALLEL_*). After `resume`,
+        continue from the newest checkpoint along the chain. Every process trains and writes its own
+        checkpoint shards; node 0 alone writes the manifest and fills the card, and only node 0's
+        task returns the manifest (None elsewhere)."""
         import importlib
         stage = importlib.import_module(f"steps.{name}")
+        lead = current.parallel.node_index == 0
         with clear_errors():
             manifest = stage.run(self._config(), inputs, self._stage_uri(name), resume_from=self._resume_sources(name),
-                                 extra_sinks=(live,))
+                                 extra_sinks=(live,) if lead else ())
+        _leave_distributed()
+        if not lead:
+            return None
         self._show(name, summary(manifest))
         return manifest
+
+    def _node_zero(self, inputs, key: str) -> dict:
+        """In the join after a @parallel training step: node 0's `key` (the others hold None), with
+        every other artifact merged (they agree across the processes: all came from upstream)."""
+        found = [getattr(task, key) for task in inputs if getattr(task, key) is not None]
+        if len(found) != 1:
+            raise PipelineInputError(f"expected one {key} (node 0's) among {len(inputs)} processes, found {len(found)}")
+        self.merge_artifacts(inputs, exclude=[key])
+        return found[0]
 
     @step
     def start(self):
@@ -154,9 +180,10 @@ class FullPipelineFlow(FlowSpec):
         with clear_errors():
             self.tokenizer_manifest = tokenizer.run(self._config(), {}, self._stage_uri("tokenizer"))
         self._show("tokenizer", tokenizer_card(self.tokenizer_manifest))
-        self.next(self.pretrain)
+        self.next(self.pretrain, num_parallel=self._config().mesh.num_parallel)
 
     @card(type="blank", id="pretrain", refresh_interval=10)
+    @parallel
     @step
     def pretrain(self):
         """Pretrain the GPT on the corpus; val bits per byte falls."""
@@ -164,9 +191,21 @@ class FullPipelineFlow(FlowSpec):
         live = LiveTrainingCard(current.card["pretrain"], f"Pretraining d{self._config().model.depth}")
         self.pretrain_manifest = self._train_stage("pretrain", {"tokenizer": self.tokenizer_manifest}, live,
                                                    pretrain_summary)
-        self.next(self.sft)
+        self.next(self.pretrain_join)
+
+    @step
+    def pretrain_join(self, inputs):
+        """The pretrain processes meet; node 0's manifest goes on as `pretrain_manifest`."""
+        self.pretrain_manifest = self._node_zero(inputs, "pretrain_manifest")
+        self.next(self.launch_sft)
+
+    @step
+    def launch_sft(self):
+        """Fan out to the SFT processes (a Metaflow join step cannot fan out itself)."""
+        self.next(self.sft, num_parallel=self._config().mesh.num_parallel)
 
     @card(type="blank", id="sft", refresh_interval=10)
+    @parallel
     @step
     def sft(self):
         """Supervised fine-tuning on the chat task mixture; held-out conversation loss falls."""
@@ -174,9 +213,21 @@ class FullPipelineFlow(FlowSpec):
         live = LiveTrainingCard(current.card["sft"], "Supervised fine-tuning",
                                 (("val_loss", "held-out loss (nats/token)"), ("greedy_pass@1", "greedy accuracy")))
         self.sft_manifest = self._train_stage("sft", {"pretrain": self.pretrain_manifest}, live, sft_summary)
-        self.next(self.grpo)
+        self.next(self.sft_join)
+
+    @step
+    def sft_join(self, inputs):
+        """The SFT processes meet; node 0's manifest goes on as `sft_manifest`."""
+        self.sft_manifest = self._node_zero(inputs, "sft_manifest")
+        self.next(self.launch_grpo)
+
+    @step
+    def launch_grpo(self):
+        """Fan out to the GRPO processes (a Metaflow join step cannot fan out itself)."""
+        self.next(self.grpo, num_parallel=self._config().mesh.num_parallel)
 
     @card(type="blank", id="grpo", refresh_interval=10)
+    @parallel
     @step
     def grpo(self):
         """GRPO with calculator tool use on problems with checkable answers; held-out pass@1 rises."""
@@ -185,6 +236,12 @@ class FullPipelineFlow(FlowSpec):
         live = LiveTrainingCard(current.card["grpo"], "GRPO with tool use",
                                 (("pass@1", "held-out pass@1"), (f"pass@{k}", f"held-out pass@{k}")))
         self.grpo_manifest = self._train_stage("grpo", {"sft": self.sft_manifest}, live, grpo_summary)
+        self.next(self.grpo_join)
+
+    @step
+    def grpo_join(self, inputs):
+        """The GRPO processes meet; node 0's manifest goes on as `grpo_manifest`."""
+        self.grpo_manifest = self._node_zero(inputs, "grpo_manifest")
         self.next(self.eval)
 
     @card(type="blank", id="eval")
