@@ -145,7 +145,8 @@ def test_every_training_stage_ran_as_two_processes_and_node_0_wrote_the_outputs(
         lead = manifests.pop("control_task")                # node 0, the control task
         assert list(manifests.values()) == [None], stage      # the worker returned none
         joined = getattr(run[f"{stage}_join"].task.data, f"{stage}_manifest")
-        assert joined == lead and joined["metrics"]["steps"] == TINY[stage]["num_steps"]
+        same = json.dumps(joined, sort_keys=True, default=str) == json.dumps(lead, sort_keys=True, default=str)
+        assert same and joined["metrics"]["steps"] == TINY[stage]["num_steps"], stage   # json: NaN (mfu on CPU)
         verify_files(joined)
         out = Path(joined["uri"])
         # one writer: every step's event is in metrics.jsonl exactly once
