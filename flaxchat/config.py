@@ -88,7 +88,8 @@ class TokenizerConfig:
 class DataConfig:
     source: str = "demo"               # demo | tinystories | climbmix | fineweb-edu | a local dir | gs://...
     cache_dir: str = "~/.cache/flaxchat/data"
-    num_shards: int = 8                # shards to download for remote sources (last one is validation)
+    num_shards: int = 8                # shards to download for remote sources (last one is validation);
+                                       # -1 = as many as pretraining's tokens need (flaxchat.plan.shards_needed)
     demo_documents: int = 20_000       # generated documents for the demo corpus
     demo_val_documents: int = 1_000
     download_timeout_s: float = 60.0
@@ -220,6 +221,44 @@ class ExportConfig:
 
 
 @dataclass
+class StageComputeConfig:
+    """Where one stage's step runs (flaxchat/compute.py checks it): `local` (this machine, or
+    wherever `--with kubernetes` sends every step), a GKE TPU slice, or one GKE GPU node."""
+    kind: Literal["local", "tpu", "gpu"] = "local"
+    type: str = ""                     # tpu: v4 | v5e (= v5litepod) | v5p | v6e; gpu: h100, a100-80gb, l4, ...
+    topology: str = ""                 # tpu: e.g. 2x2, 2x4 (one host), 4x4 (several hosts), 2x2x1
+    count: int = 0                     # gpu: GPUs on the node (1, 2, 4, 8 or 16)
+    cpu: int = 0                       # pod size per host; 0 = 8 CPUs + 32 GB per TPU chip, 4 + 16 GB per GPU
+    memory: int = 0                    # MB
+    disk: int = 0                      # MB
+    spot: bool = False                 # select Spot nodes (cloud.google.com/gke-spot=true)
+    image: str = ""                    # "" = compute.tpu_image / compute.gpu_image
+
+
+@dataclass
+class ComputeConfig:
+    """Per-stage placement, applied to the flow's steps as @tpu / @kubernetes when the flow is
+    loaded. Read from the --config YAML only (decorators are fixed before any step runs), so
+    presets and --preset never move a stage. Default: everything local."""
+    tpu_image: str = ""                # "" = METAFLOW_KUBERNETES_CONTAINER_IMAGE
+    gpu_image: str = ""
+    tokenizer: StageComputeConfig = field(default_factory=StageComputeConfig)
+    pretrain: StageComputeConfig = field(default_factory=StageComputeConfig)
+    sft: StageComputeConfig = field(default_factory=StageComputeConfig)
+    grpo: StageComputeConfig = field(default_factory=StageComputeConfig)
+    eval: StageComputeConfig = field(default_factory=StageComputeConfig)
+    export: StageComputeConfig = field(default_factory=StageComputeConfig)
+
+    def placements(self) -> dict:
+        """{stage: compute.Placement}, every stage validated."""
+        from flaxchat.compute import STAGES, ComputeError, placement
+        try:
+            return {s: placement(s, getattr(self, s), self.tpu_image, self.gpu_image) for s in STAGES}
+        except ComputeError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+@dataclass
 class PipelineConfig:
     preset: str = "demo"
     seed: int = 42
@@ -235,6 +274,7 @@ class PipelineConfig:
     grpo: TrainConfig = field(default_factory=grpo_defaults)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -350,6 +390,12 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
             f"model.vocab_size={cfg.model.vocab_size} differs from tokenizer.vocab_size="
             f"{cfg.tokenizer.vocab_size}; leave model.vocab_size at 0 to follow the tokenizer")
     cfg.model.derive()
+    if cfg.data.num_shards == -1:
+        from flaxchat.plan import shards_needed   # needs the derived model; imports this module
+        cfg.data.num_shards = shards_needed(cfg)
+    elif cfg.data.num_shards < 2:
+        raise ConfigError(f"data.num_shards={cfg.data.num_shards}: use >= 2 (training shards + the validation "
+                          "shard) or -1 for as many as pretraining needs")
     for section in (cfg.pretrain, cfg.sft, cfg.grpo):
         if section.value_embedding_lr < 0:
             section.value_embedding_lr = section.embedding_lr / 2
@@ -378,6 +424,7 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
     if cfg.mesh.num_parallel < 1:
         raise ConfigError(f"mesh.num_parallel={cfg.mesh.num_parallel}: use 1 (one process) or the number of "
                           f"hosts to train on")
+    cfg.compute.placements()
     return cfg
 
 

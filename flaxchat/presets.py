@@ -9,6 +9,13 @@ from typing import Any
 from flaxchat.config import ConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # nanochat's recipe for any --depth (the flow's default): ClimbMix, vocab 32768, tokens = 12 x scaling
+    # params, batch/LR/WD from nanochat's depth-scaling rules (flaxchat.optim.scaling), shards to cover them
+    "nanochat": {
+        "model": {"depth": 20},
+        "tokenizer": {"vocab_size": 32768},
+        "data": {"source": "climbmix", "num_shards": -1},
+    },
     "demo": {
         "model": {"depth": 4, "aspect_ratio": 64, "head_dim": 64, "sequence_len": 256, "window_pattern": "SL"},
         "tokenizer": {"vocab_size": 1024, "max_chars": 20_000_000, "doc_cap": 4_000, "eval_chars": 200_000},

@@ -25,6 +25,8 @@ from metaflow import Config, FlowSpec, Parameter, card, current, parallel, step 
 from metaflow.exception import MetaflowException  # noqa: E402
 
 from flaxchat.config import PipelineConfig, build_config  # noqa: E402
+# per-stage placement (the config's `compute` section) as @tpu / @kubernetes on the steps
+from metaflow_extensions.flaxchat.plugins.stage_compute import stage_compute  # noqa: E402
 
 
 def _git_revision() -> str:
@@ -77,6 +79,11 @@ def _leave_distributed() -> None:
         jax.distributed.shutdown()
 
 
+# the stages whose manifests each stage reads (the DAG's data edges)
+UPSTREAM = {"tokenizer": (), "pretrain": ("tokenizer",), "sft": ("pretrain",), "grpo": ("sft",),
+            "eval": ("tokenizer", "pretrain", "sft", "grpo"), "export": ("pretrain", "sft", "grpo")}
+
+
 class PipelineInputError(MetaflowException):
     headline = "flaxchat: bad input"
 
@@ -91,14 +98,23 @@ def clear_errors():
         raise PipelineInputError(f"{type(exc).__name__}: {exc}") from None
 
 
+@stage_compute("config")
 class FullPipelineFlow(FlowSpec):
     """Train a chat model end to end; every stage is a versioned, resumable step."""
 
     overrides = Config("config", default_value={}, parser=yaml.safe_load,
                        help="YAML file of config overrides (sections: model, tokenizer, data, mesh, pretrain, "
-                            "tasks, sft, rl, grpo, eval, export)")
-    preset = Parameter("preset", default="demo", help="demo | tinystories | climbmix | speedrun")
+                            "tasks, sft, rl, grpo, eval, export, compute)")
+    preset = Parameter("preset", default="nanochat",
+                       help="nanochat (its recipe at --depth) | demo (laptop, generated data) | tinystories | "
+                            "climbmix | speedrun")
     depth = Parameter("depth", type=int, default=0, help="model depth (0 = the preset's)")
+    fresh = Parameter("fresh", type=bool, default=False,
+                      help="recompute every stage; by default a stage whose config sections, inputs and code match "
+                           "a finished output under the artifact root reuses it")
+    max_hours = Parameter("max-hours", type=float, default=24.0,
+                          help="stop in start when a stage set to run on this machine is estimated to take longer "
+                               "(0 = no limit)")
     artifact_root = Parameter("artifact-root", default="./artifacts",
                               help="where stage outputs go: a local directory or gs://bucket/prefix")
 
@@ -111,8 +127,11 @@ class FullPipelineFlow(FlowSpec):
         from flaxchat import storage
         return storage.join(self.artifact_base, current.flow_name, current.run_id, stage)
 
-    def _show(self, stage: str, components: list) -> None:
-        for component in components:
+    def _show(self, stage: str, components: list, manifest: dict) -> None:
+        """The stage's own summary, then where it came from (flows/provenance.py)."""
+        from flows.provenance import provenance
+        inputs = {name: getattr(self, f"{name}_manifest") for name in UPSTREAM[stage]}
+        for component in components + provenance(stage, manifest, inputs, self.pipeline_config, current.flow_name):
             current.card[stage].append(component)
 
     def _resume_sources(self, stage: str) -> list[str]:
@@ -125,23 +144,51 @@ class FullPipelineFlow(FlowSpec):
             print(f"{stage}: resumed; looking for checkpoints in runs {', '.join(runs)} (nearest first)")
         return [storage.join(self.artifact_base, current.flow_name, run_id, stage, "checkpoints") for run_id in runs]
 
+    def _produce(self, stage: str, inputs: dict, compute, record: bool = True) -> dict:
+        """The stage's manifest: a finished output with the same key (flaxchat/reuse.py: the config
+        sections the stage reads, its inputs' keys, the code version) is reused unless --fresh;
+        otherwise `compute(output_uri)` makes it and, if `record` (node 0 of a @parallel stage),
+        it is recorded for later runs to reuse."""
+        from flaxchat import reuse
+        key = reuse.stage_key(stage, self.pipeline_config, inputs)
+        if not self.fresh:
+            found = reuse.find(self.artifact_base, stage, key)
+            if found is not None:
+                print(f"{stage}: {reuse.describe(found)}")
+                return found
+        with clear_errors():
+            manifest = compute(self._stage_uri(stage)) | {"reuse_key": key}
+        if record:
+            reuse.record(self.artifact_base, stage, key, manifest, run=f"{current.flow_name}/{current.run_id}")
+        return manifest
+
     def _train_stage(self, name: str, inputs: dict, live, summary) -> dict | None:
-        """Run a training stage in this process, one JAX host of `mesh.num_parallel` (a Metaflow
+        """Run a training stage in this process, one JAX host of the stage's `_processes` (a Metaflow
         @parallel task; jax.distributed joins the processes from MF_PARALLEL_*). After `resume`,
         continue from the newest checkpoint along the chain. Every process trains and writes its own
-        checkpoint shards; node 0 alone writes the manifest and fills the card, and only node 0's
-        task returns the manifest (None elsewhere)."""
+        checkpoint shards; node 0 alone writes the manifest, records it for reuse and fills the card,
+        and only node 0's task returns the manifest (None elsewhere)."""
         import importlib
         stage = importlib.import_module(f"steps.{name}")
         lead = current.parallel.node_index == 0
-        with clear_errors():
-            manifest = stage.run(self._config(), inputs, self._stage_uri(name), resume_from=self._resume_sources(name),
-                                 extra_sinks=(live,) if lead else ())
+        manifest = self._produce(name, inputs, lambda uri: stage.run(
+            self._config(), inputs, uri, resume_from=self._resume_sources(name),
+            extra_sinks=(live,) if lead else ()), record=lead)
         _leave_distributed()
         if not lead:
             return None
-        self._show(name, summary(manifest))
+        self._show(name, summary(manifest), manifest)
         return manifest
+
+    def _processes(self, stage: str) -> int:
+        """How many processes (JAX hosts) run a training stage: the hosts of a multi-host TPU slice
+        placed there (compute.<stage>), else mesh.num_parallel."""
+        cfg = self._config()
+        hosts = getattr(cfg.compute.placements().get(stage), "hosts", 1)
+        if hosts > 1 and cfg.mesh.num_parallel not in (1, hosts):
+            raise PipelineInputError(f"mesh.num_parallel={cfg.mesh.num_parallel} but compute.{stage} is a TPU slice "
+                                     f"of {hosts} hosts; leave mesh.num_parallel at 1 or set it to {hosts}")
+        return hosts if hosts > 1 else cfg.mesh.num_parallel
 
     def _node_zero(self, inputs, key: str) -> dict:
         """In the join after a @parallel training step: node 0's `key` (the others hold None), with
@@ -152,9 +199,20 @@ class FullPipelineFlow(FlowSpec):
         self.merge_artifacts(inputs, exclude=[key])
         return found[0]
 
+    def _plan(self, cfg: PipelineConfig) -> dict:
+        """Print and store the plan (sizes, where each stage runs, time and cost); stop a run this
+        machine cannot finish in --max-hours before anything heavy starts."""
+        from flaxchat import plan
+        hardware = dict.fromkeys(plan.STAGES, plan.local_hardware())
+        with clear_errors():
+            run_plan = plan.make_plan(cfg, hardware)
+            print(run_plan.table())
+            plan.check_feasible(run_plan, hardware, self.max_hours)
+        return run_plan.to_dict()
+
     @step
     def start(self):
-        """Resolve and validate the whole config once; every stage reads this copy."""
+        """Resolve and validate the whole config once (every stage reads this copy) and make the plan."""
         # a relative --artifact-root is taken from where the run was started, once, here: every
         # later task, a resumed run and other machines read the absolute location this records
         root = self.artifact_root if "://" in self.artifact_root else os.path.abspath(self.artifact_root)
@@ -163,6 +221,7 @@ class FullPipelineFlow(FlowSpec):
                                artifact_root=root.rstrip("/"))
         self.pipeline_config = cfg.to_dict()
         self.artifact_base = cfg.artifact_root
+        self.plan = self._plan(cfg)
         self.git_revision = _git_revision()
         from metaflow import Run
         Run(current.pathspec.rsplit("/", 2)[0]).add_tags(
@@ -177,10 +236,9 @@ class FullPipelineFlow(FlowSpec):
         """Train the BPE tokenizer; report held-out bytes/token."""
         from steps import tokenizer
         from flows.cards import tokenizer_card
-        with clear_errors():
-            self.tokenizer_manifest = tokenizer.run(self._config(), {}, self._stage_uri("tokenizer"))
-        self._show("tokenizer", tokenizer_card(self.tokenizer_manifest))
-        self.next(self.pretrain, num_parallel=self._config().mesh.num_parallel)
+        self.tokenizer_manifest = self._produce("tokenizer", {}, lambda uri: tokenizer.run(self._config(), {}, uri))
+        self._show("tokenizer", tokenizer_card(self.tokenizer_manifest), self.tokenizer_manifest)
+        self.next(self.pretrain, num_parallel=self._processes("pretrain"))
 
     @card(type="blank", id="pretrain", refresh_interval=10)
     @parallel
@@ -202,7 +260,7 @@ class FullPipelineFlow(FlowSpec):
     @step
     def launch_sft(self):
         """Fan out to the SFT processes (a Metaflow join step cannot fan out itself)."""
-        self.next(self.sft, num_parallel=self._config().mesh.num_parallel)
+        self.next(self.sft, num_parallel=self._processes("sft"))
 
     @card(type="blank", id="sft", refresh_interval=10)
     @parallel
@@ -224,7 +282,7 @@ class FullPipelineFlow(FlowSpec):
     @step
     def launch_grpo(self):
         """Fan out to the GRPO processes (a Metaflow join step cannot fan out itself)."""
-        self.next(self.grpo, num_parallel=self._config().mesh.num_parallel)
+        self.next(self.grpo, num_parallel=self._processes("grpo"))
 
     @card(type="blank", id="grpo", refresh_interval=10)
     @parallel
@@ -252,10 +310,9 @@ class FullPipelineFlow(FlowSpec):
         from flows.cards import eval_card
         inputs = {"tokenizer": self.tokenizer_manifest, "pretrain": self.pretrain_manifest,
                   "sft": self.sft_manifest, "grpo": self.grpo_manifest}
-        with clear_errors():
-            self.eval_manifest = eval_stage.run(self._config(), inputs, self._stage_uri("eval"),
-                                                git_revision=self.git_revision)
-        self._show("eval", eval_card(self.eval_manifest))
+        self.eval_manifest = self._produce("eval", inputs, lambda uri: eval_stage.run(
+            self._config(), inputs, uri, git_revision=self.git_revision))
+        self._show("eval", eval_card(self.eval_manifest), self.eval_manifest)
         self.next(self.export)
 
     @card(type="blank", id="export")
@@ -265,9 +322,8 @@ class FullPipelineFlow(FlowSpec):
         from steps import export as export_stage
         from flows.cards import export_card
         inputs = {"pretrain": self.pretrain_manifest, "sft": self.sft_manifest, "grpo": self.grpo_manifest}
-        with clear_errors():
-            self.export_manifest = export_stage.run(self._config(), inputs, self._stage_uri("export"))
-        self._show("export", export_card(self.export_manifest))
+        self.export_manifest = self._produce("export", inputs, lambda uri: export_stage.run(self._config(), inputs, uri))
+        self._show("export", export_card(self.export_manifest), self.export_manifest)
         self.next(self.end)
 
     @step

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from card_browser import browser_missing, screenshot_cards
 from card_utils import card_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,10 +91,12 @@ def _killed(mf_env, tmp_path, kill: dict, args: list[str], id_name: str) -> str:
     return id_file.read_text().strip()
 
 
-def _crashing_run(mf_env, tmp_path, kill: dict, extra: dict | None = None, artifact_root: str | None = None) -> str:
+def _crashing_run(mf_env, tmp_path, kill: dict, extra: dict | None = None, artifact_root: str | None = None,
+                  fresh: bool = False) -> str:
     """A run whose task SIGKILLs itself; returns its run id."""
     return _killed(mf_env, tmp_path, kill, ["--config", "config", _config_file(tmp_path, extra), "run", "--preset",
-                                            "demo", "--artifact-root", artifact_root or str(tmp_path / "art")],
+                                            "demo", "--artifact-root", artifact_root or str(tmp_path / "art"),
+                                            *(["--fresh", "true"] if fresh else [])],
                    "origin-run-id")
 
 
@@ -132,6 +135,9 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     run = Flow("FullPipelineFlow")[run_id]
     assert {"depth:2", "preset:demo"} <= set(run.tags)
     assert any(t.startswith("git:") for t in run.tags)
+    plan = run["start"].task.data.plan                  # the plan start printed and stored
+    assert [s["stage"] for s in plan["stages"]] == ["tokenizer", "pretrain", "sft", "grpo", "eval", "export"]
+    assert plan["stages"][1]["steps"] == TINY["pretrain"]["num_steps"] and plan["hours"] > 0
 
     manifest = run["tokenizer"].task.data.tokenizer_manifest
     assert manifest["stage"] == "tokenizer"
@@ -209,6 +215,41 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     verify_files(ex)
     xcard = card_text(get_cards(run["export"].task, id="export")[0].get())
     assert "Export" in xcard and "round trip identical" in xcard
+    assert "Provenance" in scard and "sft.init_lr_frac" in scard and f"FullPipelineFlow/{run_id}" in xcard
+
+    # a second run with one export knob changed reuses every finished stage whose key (config sections,
+    # inputs, code) is unchanged and computes only export; --fresh recomputes (the tokenizer is killed on entry)
+    with _runner(mf_env, tmp_path, {"export": {"formats": "nanochat"}}).run(
+            preset="demo", artifact_root=str(tmp_path / "art")) as again:
+        assert again.status == "successful", again.stderr
+        second = again.run
+    for stage in ("tokenizer", "pretrain", "sft", "grpo", "eval"):
+        m = getattr(second[stage].task.data, f"{stage}_manifest")
+        first_m = getattr(run[stage].task.data, f"{stage}_manifest")
+        assert m["uri"] == first_m["uri"] and m["reused_from"]["run"] == f"FullPipelineFlow/{run_id}", stage
+        assert m["reuse_key"] == first_m["reuse_key"], stage
+        assert json.dumps(m["metrics"], sort_keys=True) == json.dumps(first_m["metrics"], sort_keys=True), stage
+    assert "reused from run" in card_text(get_cards(second["sft"].task, id="sft")[0].get())
+    ex2 = second["export"].task.data.export_manifest
+    assert "reused_from" not in ex2 and ex2["uri"].endswith(f"{second.id}/export") and set(ex2["formats"]) == {"nanochat"}
+    assert ex2["source"]["uri"] == rl["uri"]
+    fresh_id = _crashing_run(mf_env, tmp_path, {"KILL_MODE": "manifest", "KILL_STAGE": "tokenizer"},
+                             extra={"export": {"formats": "nanochat"}}, fresh=True)
+    assert fresh_id not in (run_id, second.id)
+
+    # what a user browsing the cards sees: `card server` + headless Chromium, one screenshot per stage
+    why_not = browser_missing()
+    if why_not:
+        pytest.skip(f"every check above passed; the browser check cannot run: {why_not}")
+    shown = screenshot_cards(FLOW, run_id, mf_env, mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"], tmp_path)
+    assert {"tokenizer", "pretrain", "sft", "grpo", "eval", "export"} <= set(shown)
+    assert shown["pretrain"]["charts"] >= 2 and "val bits per byte" in shown["pretrain"]["text"]
+    assert "step 6/6" in shown["pretrain"]["text"] and "Provenance" in shown["pretrain"]["text"]
+    assert shown["grpo"]["charts"] >= 4 and "Rollouts of round" in shown["grpo"]["text"]
+    assert "Report card" in shown["eval"]["text"] and shown["eval"]["rows"] >= 10 and shown["eval"]["charts"] >= 1
+    assert "round trip identical" in shown["export"]["text"]
+    assert "bytes/token" in shown["tokenizer"]["text"]
+    assert all(s["screenshot"].stat().st_size > 20_000 for s in shown.values())
 
 
 def test_failed_tokenizer_resumes_with_start_cloned(mf_env, tmp_path):
@@ -244,7 +285,22 @@ def test_unknown_preset_fails_the_run_with_a_clear_error(mf_env, tmp_path):
     with _runner(mf_env, tmp_path).run(preset="gigantic", artifact_root=str(tmp_path / "art")) as running:
         assert running.status == "failed"
         log = running.run["start"].task.stderr
-    assert "ConfigError: unknown preset 'gigantic'; choose one of: demo" in log
+    assert "ConfigError: unknown preset 'gigantic'; choose one of: nanochat, demo" in log
+    assert "Traceback" not in log
+    assert not (tmp_path / "art").exists()
+
+
+def test_default_preset_d24_on_this_machine_stops_in_start_with_its_plan(mf_env, tmp_path):
+    """`run --depth 24` is nanochat's recipe; on a CPU it stops before anything heavy, saying how long
+    pretraining would take and which flag overrides the stop."""
+    from metaflow import Runner
+    runner = Runner(FLOW, show_output=False, env=mf_env, cwd=mf_env["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
+    with runner.run(depth=24, artifact_root=str(tmp_path / "art")) as running:
+        assert running.status == "failed"
+        task = running.run["start"].task
+        log, out = task.stderr, task.stdout
+    assert "plan: d24" in out and "pretrain" in out
+    assert "pretrain would take about" in log and "--max-hours 0" in log
     assert "Traceback" not in log
     assert not (tmp_path / "art").exists()
 
