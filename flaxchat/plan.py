@@ -155,6 +155,36 @@ def local_hardware() -> Hardware:
                     CPU_EFFICIENCY, None, local=True)
 
 
+# bf16 dense peak per chip for the compute section's names (flaxchat.compute's TPU and GPU types)
+TPU_PEAK = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+GPU_PEAK = {"t4": 65e12, "l4": 121e12, "a100": 312e12, "a100-80gb": 312e12, "h100": 989e12, "h100-mega": 989e12,
+            "h200": 989e12, "b200": 2250e12}
+GPU_PRICE_KEY = {"a100": "a100", "a100-80gb": "a100", "h100": "h100", "h100-mega": "h100", "h200": "h200"}
+
+
+def stage_hardware(cfg: PipelineConfig) -> dict[str, Hardware]:
+    """Where each stage runs, from the config's `compute` section (flaxchat.compute validates it)."""
+    from flaxchat import compute
+    local = None
+    out = {}
+    for stage in STAGES:
+        spec = getattr(cfg.compute, stage)
+        if spec.kind == "tpu":
+            sl = compute.tpu_slice(spec.type, spec.topology)
+            name = sl.type.name
+            out[stage] = Hardware(f"TPU {name} {sl.topology} ({sl.chips} chips, {sl.hosts} hosts)", sl.chips,
+                                  TPU_PEAK[name], ACCELERATOR_MFU, PRICE_PER_CHIP_HOUR.get(name), local=False)
+        elif spec.kind == "gpu":
+            gpu = spec.type.lower()
+            price = PRICE_PER_CHIP_HOUR.get(GPU_PRICE_KEY.get(gpu, ""))
+            out[stage] = Hardware(f"{spec.count}x {gpu} GPU", spec.count, GPU_PEAK.get(gpu, 0.0) or float("nan"),
+                                  ACCELERATOR_MFU, price, local=False)
+        else:
+            local = local or local_hardware()
+            out[stage] = local
+    return out
+
+
 def _price(kind: str) -> float | None:
     low = kind.lower().replace(" ", "")
     for key in ("h200", "h100", "a100", "v5p", "v6e", "v4"):

@@ -203,7 +203,7 @@ class FullPipelineFlow(FlowSpec):
         """Print and store the plan (sizes, where each stage runs, time and cost); stop a run this
         machine cannot finish in --max-hours before anything heavy starts."""
         from flaxchat import plan
-        hardware = dict.fromkeys(plan.STAGES, plan.local_hardware())
+        hardware = plan.stage_hardware(cfg)
         with clear_errors():
             run_plan = plan.make_plan(cfg, hardware)
             print(run_plan.table())

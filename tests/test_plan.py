@@ -81,3 +81,20 @@ def test_missing_stage_hardware_is_named():
 def test_local_cpu_hardware_is_measured():
     hw = plan.local_hardware()
     assert hw.local and hw.peak_flops > 1e8 and hw.name.startswith("local cpu")
+
+
+def test_hardware_comes_from_the_compute_section():
+    cfg = build_config("nanochat", depth=24, overrides={"compute": {
+        "pretrain": {"kind": "tpu", "type": "v5p", "topology": "2x2x4"},
+        "sft": {"kind": "gpu", "type": "h100", "count": 8}}})
+    hw = plan.stage_hardware(cfg)
+    assert (hw["pretrain"].chips, hw["pretrain"].peak_flops, hw["pretrain"].local) == (16, 459e12, False)
+    assert "TPU v5p 2x2x4 (16 chips, 4 hosts)" == hw["pretrain"].name
+    assert (hw["sft"].chips, hw["sft"].peak_flops, hw["sft"].price_per_chip_hour) == (8, 989e12, 11.06)
+    assert hw["tokenizer"].local and hw["tokenizer"] is hw["eval"]        # measured once
+    p = plan.make_plan(cfg, hw)
+    stages = {s.stage: s for s in p.stages}
+    assert stages["pretrain"].cost_usd == pytest.approx(stages["pretrain"].hours * 16 * plan.PRICE_PER_CHIP_HOUR["v5p"])
+    # the d24 pretrain is off this machine: only the GRPO stage left local is checked (and is too slow here)
+    with pytest.raises(plan.PlanError, match="^grpo would take"):
+        plan.check_feasible(p, hw, max_hours=24)
