@@ -53,7 +53,9 @@ def _overrides(tmp_path, extra: dict) -> str:
 def _env(mf_env) -> dict:
     # @parallel starts the workers with the bare `python` on PATH: this interpreter's comes first;
     # a private coordinator port, so parallel test sessions do not meet each other
-    return {**mf_env, "PYTHONPATH": str(ROOT), "FLAXCHAT_COORDINATOR_PORT": str(_free_port())}
+    # (and only this checkout's metaflow_extensions: another one on sys.path would clash)
+    return {**mf_env, "PYTHONPATH": str(ROOT), "METAFLOW_EXTENSIONS_SEARCH_DIRS": str(ROOT),
+            "FLAXCHAT_COORDINATOR_PORT": str(_free_port())}
 
 
 def _run(mf_env, tmp_path, config: str):
@@ -205,15 +207,16 @@ def test_killed_worker_resumes_every_process_from_the_last_checkpoint(two_proces
     tmp.mkdir()
     env = _env(two_process["env"])
     # a plain subprocess, as in test_flow._killed; the kill hook goes first on PYTHONPATH, this tree next
+    # its own artifact root: in the uninterrupted run's, every stage would be reused (flaxchat/reuse.py)
     proc = subprocess.run([sys.executable, FLOW, "--config", "config", two_process["config"], "run", "--preset",
-                           "demo", "--artifact-root", str(two_process["tmp"] / "art"), "--run-id-file",
+                           "demo", "--artifact-root", str(tmp / "art"), "--run-id-file",
                            str(tmp / "origin-run-id")],
                           cwd=env["METAFLOW_DATASTORE_SYSROOT_LOCAL"], capture_output=True, text=True, timeout=900,
                           env={**os.environ, **env, "KILL_MODE": "batch:6", "KILL_STAGE": "pretrain", "KILL_NODE": "1",
                                "PYTHONPATH": f"{ROOT / 'tests' / 'killhook'}{os.pathsep}{ROOT}"})
     assert proc.returncode != 0, "the run was supposed to be killed"
     origin_id = (tmp / "origin-run-id").read_text().strip()
-    saved = Path(two_process["tmp"] / "art" / "FullPipelineFlow" / origin_id / "pretrain" / "checkpoints")
+    saved = tmp / "art" / "FullPipelineFlow" / origin_id / "pretrain" / "checkpoints"
     assert any(p.name.isdigit() for p in saved.iterdir()), "no checkpoint landed before the kill"
 
     resumer = Runner(FLOW, show_output=False, env=env, cwd=env["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
