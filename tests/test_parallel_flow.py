@@ -97,6 +97,14 @@ def test_training_stages_are_parallel_steps_each_with_its_join():
     assert graph["pretrain_join"].out_funcs == ["launch_sft"] and graph["grpo_join"].out_funcs == ["eval"]
 
 
+def test_num_parallel_below_one_is_refused():
+    from flaxchat.config import ConfigError, build_config
+    assert build_config("demo").mesh.num_parallel == 1
+    assert build_config("demo", overrides={"mesh": {"num_parallel": 2}}).mesh.num_parallel == 2
+    with pytest.raises(ConfigError, match=r"mesh.num_parallel=0: use 1 \(one process\)"):
+        build_config("demo", overrides={"mesh": {"num_parallel": 0}})
+
+
 def test_a_process_other_than_0_writes_only_its_checkpoint_shards(tmp_path, monkeypatch):
     """One process standing in for process 1 of a job: it trains and checkpoints, and returns the
     manifest it computed, but writes no manifest, metrics, tokenizer copy or wandb files."""
