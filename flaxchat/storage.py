@@ -13,6 +13,8 @@ What this module adds are the rules that keep readers safe:
   renamed into place; remotely (no directory rename) every file goes up before the `last=`
   files (the manifest), and an overwrite deletes the old manifest before touching anything,
   so a reader that trusts only a directory with its manifest never sees a half-written one.
+* `copy`/`copy_dir` inside one object store are server-side (GCS: objects.rewrite), so adopting a
+  checkpoint never moves its bytes through this machine; `put_file` uploads one file atomically.
 * Failures are one-line `StorageError`s naming the URI (`NotFound` and `Denied` are also
   FileNotFoundError and PermissionError, which callers catch).
 
@@ -222,6 +224,86 @@ def sha256_file(uri: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def size(uri: str | os.PathLike) -> int:
+    """Bytes in a file or object."""
+    with _on(uri, "check") as (fs, path):
+        return int(fs.size(path))
+
+
+def info(uri: str | os.PathLike) -> dict[str, Any]:
+    """The backend's description of a file or object (size, and on GCS `md5Hash`, `crc32c`, …)."""
+    with _on(uri, "check") as (fs, path):
+        return dict(fs.info(path))
+
+
+def _local_copy(src: str, dst: str, link: bool) -> None:
+    """Copy a local file so `dst` appears complete or not at all: a hard link (no bytes copied) when
+    `link` and both are on one filesystem, else a copy, into a temp name renamed over `dst`."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(dst)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        try:
+            if not link:
+                raise OSError("copy requested")
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def put_file(local_path: str | os.PathLike, uri: str | os.PathLike, link: bool = False) -> None:
+    """Upload (or locally copy) one local file to `uri`, atomically for readers: remotely one object
+    that appears only once the upload is complete (a resumable upload for big files); locally a temp
+    file renamed into place, hard-linked instead of copied when `link` (the source must then never be
+    modified in place: a hard link shares its bytes)."""
+    local_path = os.fspath(local_path)
+    if not os.path.isfile(local_path):
+        raise NotFound(f"cannot upload {local_path}: no such file")
+    with _on(uri, "write") as (fs, path):
+        if not is_remote(uri):
+            return _local_copy(local_path, path, link)
+        if _is_bucket(fs, path):
+            raise StorageError(f"cannot write to a bucket root: {os.fspath(uri)}; name an object path")
+        fs.put_file(local_path, path)
+
+
+def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy one file. Within one object store this is a server-side copy (GCS: objects.rewrite), no
+    bytes pass through this machine; local to local hard-links; across backends it streams."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not is_remote(src) and not is_remote(dst):
+        with _on(src, "copy"):
+            return _local_copy(os.path.abspath(src), os.path.abspath(dst), link=True)
+    with _on(src, "copy") as (sfs, spath), _on(dst, f"copy {src} to") as (dfs, dpath):
+        if split_protocol(src)[0] == split_protocol(dst)[0] and sfs is dfs:
+            return sfs.copy(spath, dpath)
+        if not is_remote(src):
+            return dfs.put_file(spath, dpath)
+        with tempfile.TemporaryDirectory(prefix="flaxchat-copy-") as tmp:
+            local = os.path.join(tmp, basename(src))
+            sfs.get_file(spath, local)
+            if is_remote(dst):
+                return dfs.put_file(local, dpath)
+            _local_copy(local, dpath, link=True)
+
+
+def copy_dir(src: str | os.PathLike, dst: str | os.PathLike, last: Sequence[str] = ()) -> None:
+    """Copy every file under `src` to `dst` with `copy` (server-side within one object store), the
+    `last` files (relative paths: a commit marker, a checksum file) after all the others, so a reader
+    that trusts only a directory with those files never sees a partial copy."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    files = find(src)
+    if not files:
+        raise NotFound(f"no such directory (nothing under it): {src}")
+    for rel in [f for f in files if f not in last] + [f for f in last if f in files]:
+        copy(join(src, *rel.split("/")), join(dst, *rel.split("/")))
 
 
 # --------------------------------------------------------------------------- directories

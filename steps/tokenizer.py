@@ -3,7 +3,11 @@
 Resolves the data source (generating the demo corpus or downloading shards), trains
 rustbpe on the train split, measures bytes per token on held-out validation text, and
 publishes the tokenizer files + manifest under `output_uri`. The manifest also records
-the resolved data shards so later stages read exactly the same data.
+the resolved data shards so later stages read exactly the same data: with a remote artifact root
+(gs://…) local shards are first staged under it, content-addressed (flaxchat/data/staging.py), so
+the manifest names only URIs that every host, and a resume on another machine, can read. With a
+local artifact root the manifest names the local files where they are (one machine, or a cache
+on a filesystem every host mounts).
 
     python -m steps.tokenizer --preset demo --out /tmp/tok
 """
@@ -18,6 +22,7 @@ from typing import Any
 from flaxchat import storage
 from flaxchat.config import PipelineConfig
 from flaxchat.data.sources import iter_documents, resolve_shards
+from flaxchat.data.staging import stage_shards
 from flaxchat.manifest import build_manifest, write_manifest
 from flaxchat.tokenizer import Tokenizer
 
@@ -59,6 +64,11 @@ def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: s
     bytes_per_token = tokenizer.bytes_per_token(heldout)
     sample_ids = tokenizer.encode(SAMPLE_TEXT)
 
+    data = {"source": config.data.source, "shards": list(shards)}
+    if storage.is_remote(config.artifact_root):
+        staged = stage_shards(shards, config.artifact_root)
+        data = {**data, "shards": [e["uri"] for e in staged], "staged": staged}
+
     with tempfile.TemporaryDirectory(prefix="flaxchat-tok-") as tmp:
         files = tokenizer.save(tmp)
         storage.publish_dir(tmp, output_uri, overwrite=True)
@@ -74,7 +84,7 @@ def run(config: PipelineConfig, inputs: dict[str, dict[str, Any]], output_uri: s
     }
     manifest = build_manifest(
         STAGE, output_uri, metrics, config.to_dict(), files,
-        data={"source": config.data.source, "shards": list(shards)},
+        data=data,
         sample={"text": SAMPLE_TEXT, "pieces": [tokenizer.decode([i]) for i in sample_ids]},
     )
     write_manifest(manifest)

@@ -155,11 +155,11 @@ class RecordingStore(CheckpointStore):
 def _copy_step(src: str, dst: str) -> None:
     """Copy a finished checkpoint step directory so that `dst` appears complete or not at all:
     locally hard links (no bytes copied; a copy across filesystems) into a sibling then a rename;
-    on GCS through a local folder, the checksum file and orbax's commit marker last."""
-    if storage.is_gcs(src) or storage.is_gcs(dst):
-        with tempfile.TemporaryDirectory(prefix="flaxchat-adopt-") as tmp:
-            local = storage.fetch_dir(src, os.path.join(tmp, "step"))
-            storage.publish_dir(local, dst, overwrite=True, last=(CHECKSUMS, "commit_success.txt"))
+    in an object store a server-side copy of each object (GCS rewrite: no bytes through this
+    machine), the checksum file and orbax's commit marker last."""
+    if storage.is_remote(src) or storage.is_remote(dst):
+        storage.remove_tree(dst)   # an uncommitted leftover of an earlier attempt
+        storage.copy_dir(src, dst, last=(CHECKSUMS, "commit_success.txt"))
         return
 
     def link(a: str, b: str) -> None:
@@ -198,8 +198,9 @@ class TrainingStage:
         self.model: GPT | None = None
         self.optimizer = None
         self.num_steps = 0
-        # small side files are written locally first; on GCS they are uploaded at the end
-        # (checkpoints go to `output_uri` directly through orbax)
+        # small side files (tokenizer copy, wandb's offline files) are written locally first; on GCS
+        # they are uploaded at the end (checkpoints go to `output_uri` directly through orbax, and
+        # metrics.jsonl is streamed there by its sink)
         # (nothing is created before the inputs are validated: a bad input leaves no directory behind)
         self.local_out = output_uri if not storage.is_gcs(output_uri) else tempfile.mkdtemp(prefix=f"flaxchat-{name}-")
 
@@ -255,7 +256,8 @@ class TrainingStage:
         sinks: list[Sink] = [console_sink(self.num_steps)]
         if writes_outputs():
             os.makedirs(self.local_out, exist_ok=True)
-            sinks.append(jsonl_sink(os.path.join(self.local_out, "metrics.jsonl")))
+            # straight to the output (gs:// too), written while training: a crash keeps what was logged
+            sinks.append(jsonl_sink(storage.join(self.output_uri, "metrics.jsonl")))
             sinks.append(wandb_sink("flaxchat", f"{self.name}-d{self.config.model.depth}", self.config.to_dict(),
                                     self.local_out))
         return sinks + list(self.extra_sinks) + [self.record]

@@ -4,7 +4,6 @@ in-process GCS emulator), plus what is specific to each (local atomic rename, GC
 import hashlib
 import io
 import os
-import socket
 import sys
 import uuid
 
@@ -12,24 +11,13 @@ import pytest
 
 from flaxchat import storage
 
+import gcs_emulator
+
 
 # --------------------------------------------------------------------------- fixtures
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_emulator(bucket: str):
-    try:
-        from gcp_storage_emulator.server import create_server
-    except Exception as e:  # the dev group installs it; only a broken env skips
-        pytest.skip(f"gcp-storage-emulator does not import ({e}); GCS tests need the dev dependency group")
-    port = _free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
-    server.start()
-    return server, f"http://127.0.0.1:{port}"
+    return gcs_emulator.start(bucket)
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +265,58 @@ def test_gcs_emulator_on_a_new_port_gets_a_new_filesystem(gcs, monkeypatch):
         assert storage.listdir(gcs) == ["only-here"]
     finally:
         server.stop()
+
+
+def test_put_file_copy_and_copy_dir(root, tmp_path):
+    src = tmp_path / "blob.bin"
+    src.write_bytes(b"payload" * 1000)
+    storage.put_file(src, storage.join(root, "a", "blob.bin"))
+    assert storage.read_bytes(storage.join(root, "a", "blob.bin")) == src.read_bytes()
+    assert storage.size(storage.join(root, "a", "blob.bin")) == 7000
+    assert int(storage.info(storage.join(root, "a", "blob.bin"))["size"]) == 7000
+    storage.copy(storage.join(root, "a", "blob.bin"), storage.join(root, "b", "copy.bin"))
+    assert storage.read_bytes(storage.join(root, "b", "copy.bin")) == src.read_bytes()
+    storage.write_text(storage.join(root, "a", "z_marker.txt"), "done")
+    order = []
+    real_copy = storage.copy
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(storage, "copy", lambda s, d: (order.append(storage.basename(d)), real_copy(s, d)))
+        storage.copy_dir(storage.join(root, "a"), storage.join(root, "c"), last=("blob.bin",))
+    assert order == ["z_marker.txt", "blob.bin"]       # the `last` file after the others
+    assert storage.find(storage.join(root, "c")) == ["blob.bin", "z_marker.txt"]
+    with pytest.raises(storage.NotFound, match="nothing under it"):
+        storage.copy_dir(storage.join(root, "nope"), storage.join(root, "d"))
+    with pytest.raises(storage.NotFound, match="no such file"):
+        storage.put_file(tmp_path / "missing.bin", storage.join(root, "x"))
+
+
+def test_local_put_file_links_and_copy_keeps_the_old_target_on_failure(tmp_path, monkeypatch):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"abc")
+    storage.put_file(src, tmp_path / "linked.bin", link=True)
+    assert os.stat(tmp_path / "linked.bin").st_ino == os.stat(src).st_ino      # no bytes copied
+    storage.put_file(src, tmp_path / "copied.bin")
+    assert os.stat(tmp_path / "copied.bin").st_ino != os.stat(src).st_ino
+    (tmp_path / "old.bin").write_bytes(b"old")
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(storage.StorageError, match="disk full"):
+        storage.put_file(src, tmp_path / "old.bin")
+    assert (tmp_path / "old.bin").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copied.bin", "linked.bin", "old.bin", "src.bin"]
+
+
+def test_gcs_copy_is_server_side(gcs, monkeypatch):
+    """Within the bucket no byte comes down to this machine: GCS copies (objects.rewrite)."""
+    import gcsfs
+    base = storage.join(gcs, uuid.uuid4().hex[:8])
+    storage.write_bytes(storage.join(base, "src", "x.bin"), b"x" * 5000)
+    storage.write_bytes(storage.join(base, "src", "sub", "y.bin"), b"y" * 10)
+
+    def no_download(*a, **k):
+        raise AssertionError("downloaded during a server-side copy")
+    for name in ("_cat_file", "_get_file", "_open"):
+        monkeypatch.setattr(gcsfs.core.GCSFileSystem, name, no_download)
+    storage.copy_dir(storage.join(base, "src"), storage.join(base, "dst"))
+    monkeypatch.undo()
+    assert storage.find(storage.join(base, "dst")) == ["sub/y.bin", "x.bin"]
+    assert storage.read_bytes(storage.join(base, "dst", "x.bin")) == b"x" * 5000

@@ -191,6 +191,9 @@ def test_every_host_of_a_gang_gets_its_tpu_worker_environment(monkeypatch):
     with pytest.raises(Exception, match="slice has 4 hosts but the step was called with num_parallel=2"):
         deco.task_pre_step("train", None, None, "1", "2", flow, None, 0, 0, None, [])
     master = "fl-1-control-0-0.fl-1.flaxchat.svc.cluster.local"
+    # the hook writes the TPU worker variables into os.environ: give it a copy, so none of them leaks
+    # into later tests (a leaked TPU_WORKER_HOSTNAMES makes flaxchat.distributed expect a cluster)
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     for node in range(4):
         monkeypatch.setenv("MF_MASTER_ADDR", master)
         monkeypatch.setenv("MF_PARALLEL_NUM_NODES", "4")
