@@ -102,6 +102,9 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     rules: Literal["replicated", "fsdp", "fsdp_tp"] = "fsdp"
+    # JAX processes (hosts) each training stage runs on: the flow's Metaflow @parallel num_parallel.
+    # The mesh above spans the devices of all of them; 1 = one process, no jax.distributed.
+    num_parallel: int = 1
 
 
 @dataclass
@@ -418,6 +421,9 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
             raise ConfigError(f"mesh.{name}={size}: use a positive size or -1 for 'the rest of the devices'")
     if sum(getattr(cfg.mesh, n) == -1 for n in ("data", "fsdp", "tensor")) > 1:
         raise ConfigError("only one of mesh.data/mesh.fsdp/mesh.tensor may be -1")
+    if cfg.mesh.num_parallel < 1:
+        raise ConfigError(f"mesh.num_parallel={cfg.mesh.num_parallel}: use 1 (one process) or the number of "
+                          f"hosts to train on")
     cfg.compute.placements()
     return cfg
 

@@ -21,7 +21,7 @@ if (os.environ.get("METAFLOW_USER") or os.environ.get("USERNAME") or os.environ.
     os.environ.setdefault("METAFLOW_USER", "flaxchat")
 
 import yaml  # noqa: E402
-from metaflow import Config, FlowSpec, Parameter, card, current, step  # noqa: E402
+from metaflow import Config, FlowSpec, Parameter, card, current, parallel, step  # noqa: E402
 from metaflow.exception import MetaflowException  # noqa: E402
 
 from flaxchat.config import PipelineConfig, build_config  # noqa: E402
@@ -68,6 +68,15 @@ def _origin_of(pathspec: str) -> str | None:
         print(f"warning: cannot read which run {pathspec} resumed ({type(exc).__name__}: {exc}); "
               f"checkpoints of runs before it are not searched")
     return None
+
+
+def _leave_distributed() -> None:
+    """Leave the multi-process JAX job while every process of the @parallel step is still in it.
+    Left to interpreter exit, a local worker would wait in JAX's shutdown barrier for node 0 while
+    node 0 waits for the worker process to end (Metaflow's local @parallel), for the barrier's 300 s."""
+    import jax
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
 
 
 # the stages whose manifests each stage reads (the DAG's data edges)
@@ -135,10 +144,11 @@ class FullPipelineFlow(FlowSpec):
             print(f"{stage}: resumed; looking for checkpoints in runs {', '.join(runs)} (nearest first)")
         return [storage.join(self.artifact_base, current.flow_name, run_id, stage, "checkpoints") for run_id in runs]
 
-    def _produce(self, stage: str, inputs: dict, compute) -> dict:
+    def _produce(self, stage: str, inputs: dict, compute, record: bool = True) -> dict:
         """The stage's manifest: a finished output with the same key (flaxchat/reuse.py: the config
         sections the stage reads, its inputs' keys, the code version) is reused unless --fresh;
-        otherwise `compute(output_uri)` makes it and it is recorded for later runs to reuse."""
+        otherwise `compute(output_uri)` makes it and, if `record` (node 0 of a @parallel stage),
+        it is recorded for later runs to reuse."""
         from flaxchat import reuse
         key = reuse.stage_key(stage, self.pipeline_config, inputs)
         if not self.fresh:
@@ -148,17 +158,46 @@ class FullPipelineFlow(FlowSpec):
                 return found
         with clear_errors():
             manifest = compute(self._stage_uri(stage)) | {"reuse_key": key}
-        reuse.record(self.artifact_base, stage, key, manifest, run=f"{current.flow_name}/{current.run_id}")
+        if record:
+            reuse.record(self.artifact_base, stage, key, manifest, run=f"{current.flow_name}/{current.run_id}")
         return manifest
 
-    def _train_stage(self, name: str, inputs: dict, live, summary) -> dict:
-        """Run a training stage; after `resume`, continue from the newest checkpoint along the chain."""
+    def _train_stage(self, name: str, inputs: dict, live, summary) -> dict | None:
+        """Run a training stage in this process, one JAX host of the stage's `_processes` (a Metaflow
+        @parallel task; jax.distributed joins the processes from MF_PARALLEL_*). After `resume`,
+        continue from the newest checkpoint along the chain. Every process trains and writes its own
+        checkpoint shards; node 0 alone writes the manifest, records it for reuse and fills the card,
+        and only node 0's task returns the manifest (None elsewhere)."""
         import importlib
         stage = importlib.import_module(f"steps.{name}")
+        lead = current.parallel.node_index == 0
         manifest = self._produce(name, inputs, lambda uri: stage.run(
-            self._config(), inputs, uri, resume_from=self._resume_sources(name), extra_sinks=(live,)))
+            self._config(), inputs, uri, resume_from=self._resume_sources(name),
+            extra_sinks=(live,) if lead else ()), record=lead)
+        _leave_distributed()
+        if not lead:
+            return None
         self._show(name, summary(manifest), manifest)
         return manifest
+
+    def _processes(self, stage: str) -> int:
+        """How many processes (JAX hosts) run a training stage: the hosts of a multi-host TPU slice
+        placed there (compute.<stage>), else mesh.num_parallel."""
+        cfg = self._config()
+        hosts = getattr(cfg.compute.placements().get(stage), "hosts", 1)
+        if hosts > 1 and cfg.mesh.num_parallel not in (1, hosts):
+            raise PipelineInputError(f"mesh.num_parallel={cfg.mesh.num_parallel} but compute.{stage} is a TPU slice "
+                                     f"of {hosts} hosts; leave mesh.num_parallel at 1 or set it to {hosts}")
+        return hosts if hosts > 1 else cfg.mesh.num_parallel
+
+    def _node_zero(self, inputs, key: str) -> dict:
+        """In the join after a @parallel training step: node 0's `key` (the others hold None), with
+        every other artifact merged (they agree across the processes: all came from upstream)."""
+        found = [getattr(task, key) for task in inputs if getattr(task, key) is not None]
+        if len(found) != 1:
+            raise PipelineInputError(f"expected one {key} (node 0's) among {len(inputs)} processes, found {len(found)}")
+        self.merge_artifacts(inputs, exclude=[key])
+        return found[0]
 
     def _plan(self, cfg: PipelineConfig) -> dict:
         """Print and store the plan (sizes, where each stage runs, time and cost); stop a run this
@@ -199,9 +238,10 @@ class FullPipelineFlow(FlowSpec):
         from flows.cards import tokenizer_card
         self.tokenizer_manifest = self._produce("tokenizer", {}, lambda uri: tokenizer.run(self._config(), {}, uri))
         self._show("tokenizer", tokenizer_card(self.tokenizer_manifest), self.tokenizer_manifest)
-        self.next(self.pretrain)
+        self.next(self.pretrain, num_parallel=self._processes("pretrain"))
 
     @card(type="blank", id="pretrain", refresh_interval=10)
+    @parallel
     @step
     def pretrain(self):
         """Pretrain the GPT on the corpus; val bits per byte falls."""
@@ -209,9 +249,21 @@ class FullPipelineFlow(FlowSpec):
         live = LiveTrainingCard(current.card["pretrain"], f"Pretraining d{self._config().model.depth}")
         self.pretrain_manifest = self._train_stage("pretrain", {"tokenizer": self.tokenizer_manifest}, live,
                                                    pretrain_summary)
-        self.next(self.sft)
+        self.next(self.pretrain_join)
+
+    @step
+    def pretrain_join(self, inputs):
+        """The pretrain processes meet; node 0's manifest goes on as `pretrain_manifest`."""
+        self.pretrain_manifest = self._node_zero(inputs, "pretrain_manifest")
+        self.next(self.launch_sft)
+
+    @step
+    def launch_sft(self):
+        """Fan out to the SFT processes (a Metaflow join step cannot fan out itself)."""
+        self.next(self.sft, num_parallel=self._processes("sft"))
 
     @card(type="blank", id="sft", refresh_interval=10)
+    @parallel
     @step
     def sft(self):
         """Supervised fine-tuning on the chat task mixture; held-out conversation loss falls."""
@@ -219,9 +271,21 @@ class FullPipelineFlow(FlowSpec):
         live = LiveTrainingCard(current.card["sft"], "Supervised fine-tuning",
                                 (("val_loss", "held-out loss (nats/token)"), ("greedy_pass@1", "greedy accuracy")))
         self.sft_manifest = self._train_stage("sft", {"pretrain": self.pretrain_manifest}, live, sft_summary)
-        self.next(self.grpo)
+        self.next(self.sft_join)
+
+    @step
+    def sft_join(self, inputs):
+        """The SFT processes meet; node 0's manifest goes on as `sft_manifest`."""
+        self.sft_manifest = self._node_zero(inputs, "sft_manifest")
+        self.next(self.launch_grpo)
+
+    @step
+    def launch_grpo(self):
+        """Fan out to the GRPO processes (a Metaflow join step cannot fan out itself)."""
+        self.next(self.grpo, num_parallel=self._processes("grpo"))
 
     @card(type="blank", id="grpo", refresh_interval=10)
+    @parallel
     @step
     def grpo(self):
         """GRPO with calculator tool use on problems with checkable answers; held-out pass@1 rises."""
@@ -230,6 +294,12 @@ class FullPipelineFlow(FlowSpec):
         live = LiveTrainingCard(current.card["grpo"], "GRPO with tool use",
                                 (("pass@1", "held-out pass@1"), (f"pass@{k}", f"held-out pass@{k}")))
         self.grpo_manifest = self._train_stage("grpo", {"sft": self.sft_manifest}, live, grpo_summary)
+        self.next(self.grpo_join)
+
+    @step
+    def grpo_join(self, inputs):
+        """The GRPO processes meet; node 0's manifest goes on as `grpo_manifest`."""
+        self.grpo_manifest = self._node_zero(inputs, "grpo_manifest")
         self.next(self.eval)
 
     @card(type="blank", id="eval")

@@ -7,7 +7,9 @@ here, once: distributed init, the mesh, the sharded model and optimizer built fr
 store and resume (own checkpoints first, then each origin run's along a chain of Metaflow
 `resume`s, nearest first), the stage's record carried in every checkpoint (so a resumed stage
 reports its whole run), the side files (tokenizer copy, metrics) uploaded next to the
-checkpoints, and the manifest.
+checkpoints, and the manifest. In a multi-process job (the flow's @parallel steps) every process
+runs all of this and writes its own shards of each checkpoint; process 0 alone writes the side
+files, metrics.jsonl, wandb and the manifest (`writes_outputs`).
 
     stage = TrainingStage("sft", config, config.sft, output_uri, resume_from, extra_sinks)
     tokenizer = stage.open_upstream(inputs["pretrain"])      # model shape + weights from its manifest
@@ -43,6 +45,12 @@ from flaxchat.optim.schedules import ScheduleConfig
 from flaxchat.tokenizer import Tokenizer
 from flaxchat.train.loop import LoopConfig, LoopResult, train
 from flaxchat.train.sinks import Sink, console_sink, jsonl_sink, wandb_sink
+
+
+def writes_outputs() -> bool:
+    """Whether this process writes a stage's side files, metrics and manifest: process 0 alone
+    (every process writes its own shards of each checkpoint, through orbax)."""
+    return jax.process_index() == 0
 
 
 class StageInputError(ValueError):
@@ -243,9 +251,11 @@ class TrainingStage:
 
     # ------------------------------------------------------------------ running
     def sinks(self) -> list[Sink]:
-        os.makedirs(self.local_out, exist_ok=True)
+        """Every process logs to its console; process 0 alone writes metrics.jsonl and wandb (the
+        events are global: every process sees the same losses and evals)."""
         sinks: list[Sink] = [console_sink(self.num_steps)]
-        if jax.process_index() == 0:
+        if writes_outputs():
+            os.makedirs(self.local_out, exist_ok=True)
             # straight to the output (gs:// too), written while training: a crash keeps what was logged
             sinks.append(jsonl_sink(storage.join(self.output_uri, "metrics.jsonl")))
             sinks.append(wandb_sink("flaxchat", f"{self.name}-d{self.config.model.depth}", self.config.to_dict(),
@@ -328,10 +338,17 @@ class TrainingStage:
 
     # ------------------------------------------------------------------ outputs
     def finish(self, result: LoopResult, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        """Copy the tokenizer beside the checkpoints, upload side files, write the manifest (last)."""
+        """Copy the tokenizer beside the checkpoints, upload side files, write the manifest (last).
+        Every process builds the same manifest (the digest below is a collective); process 0 alone
+        writes files, the others hash the tokenizer in a scratch directory."""
         assert self.tokenizer is not None and self.model is not None
-        tok_files = self.tokenizer.save(os.path.join(self.local_out, "tokenizer"))
-        if storage.is_gcs(self.output_uri):
+        writer = writes_outputs()
+        if writer:
+            tok_files = self.tokenizer.save(os.path.join(self.local_out, "tokenizer"))
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"flaxchat-{self.name}-tok-") as scratch:
+                tok_files = self.tokenizer.save(scratch)
+        if writer and storage.is_gcs(self.output_uri):
             for dirpath, _, names in os.walk(self.local_out):
                 for name in names:
                     rel = os.path.relpath(os.path.join(dirpath, name), self.local_out)
@@ -356,7 +373,8 @@ class TrainingStage:
             checkpoint={"dir": storage.join(self.output_uri, "checkpoints"), "step": final},
             history=result.history, evals=result.evals,
             samples=result.samples[-1:] if result.samples else [], **extra)
-        write_manifest(manifest)
+        if writer:
+            write_manifest(manifest)
         return manifest
 
     def _checkpoint_files(self, step: int | None) -> dict[str, str]:

@@ -156,6 +156,11 @@ def test_demo_flow_produces_a_tokenizer_manifest(mf_env, tmp_path):
     assert f"{manifest['metrics']['bytes_per_token']:.3f}" in shown
 
     pre = run["pretrain"].task.data.pretrain_manifest
+    # one process (mesh.num_parallel=1): the @parallel step's only task has the manifest its join passes on
+    for stage in ("pretrain", "sft", "grpo"):
+        assert len(list(run[stage])) == 1
+        joined, own = (getattr(run[name].task.data, f"{stage}_manifest") for name in (f"{stage}_join", stage))
+        assert json.dumps(joined, sort_keys=True, default=str) == json.dumps(own, sort_keys=True, default=str)  # NaN
     # artifacts are named <stage>_manifest: none shadows a step method
     assert {"pretrain_manifest", "tokenizer_manifest"} <= {a.id for a in run["pretrain"].task}
     assert not {"tokenizer", "pretrain"} & {a.id for a in run["pretrain"].task}

@@ -50,10 +50,13 @@ def pipeline_with(tmp_path, compute: dict) -> tuple[int, dict | None, str]:
 def test_default_config_leaves_every_pipeline_step_local():
     rc, steps, out = probe(PIPELINE)
     assert rc == 0, out
-    assert set(steps) == {"start", "tokenizer", "pretrain", "sft", "grpo", "eval", "export", "end"}
+    training = {"pretrain", "sft", "grpo"}
+    assert set(steps) == {"start", "tokenizer", "eval", "export", "end", "launch_sft", "launch_grpo",
+                          *training, *(f"{t}_join" for t in training)}
     for name, s in steps.items():
-        assert s["kubernetes"] is None and not s["parallel"], name
-        assert not {"tpu", "kubernetes", "parallel"} & set(s["decorators"]), name
+        assert s["kubernetes"] is None and not {"tpu", "kubernetes"} & set(s["decorators"]), name
+        # the training stages are @parallel gangs of mesh.num_parallel processes (1 by default)
+        assert s["parallel"] == (name in training) and ("parallel" in s["decorators"]) == (name in training), name
 
 
 def test_compute_section_places_each_stage(tmp_path):
@@ -64,7 +67,8 @@ def test_compute_section_places_each_stage(tmp_path):
         "sft": {"kind": "gpu", "type": "h100", "count": 8}})
     assert rc == 0, out
     pre = steps["pretrain"]
-    assert pre["decorators"][-2:] == ["tpu", "kubernetes"] and not pre["parallel"]
+    # a one-host slice: the flow's own @parallel (mesh.num_parallel=1) stays, @tpu is no gang
+    assert pre["decorators"][-2:] == ["tpu", "kubernetes"] and pre["decorators"].count("parallel") == 1
     assert pre["kubernetes"]["node_selector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
                                                   "cloud.google.com/gke-tpu-topology": "2x4"}
     assert pre["kubernetes"]["extended_resources"] == {"google.com/tpu": "8"}      # one 8-chip host
@@ -131,11 +135,14 @@ def test_gang_called_with_the_wrong_width_is_refused():
     assert "v5e 4x4 slice has 4 hosts but the step was called with num_parallel=2; use num_parallel=4" in out
 
 
-def test_multi_host_stage_needs_a_gang_shaped_flow(tmp_path):
-    rc, _, out = pipeline_with(tmp_path, {"pretrain": {"kind": "tpu", "type": "v5e", "topology": "4x4"}})
-    assert rc != 0
-    assert ("step pretrain: a TPU v5e 4x4 slice spans 4 hosts, which run as one gang: call it with "
-            "self.next(self.pretrain, num_parallel=4) and follow it with a join step") in out
+def test_multi_host_stage_is_the_pipelines_gang(tmp_path):
+    """The training steps are gang-shaped (@parallel, a join after): a multi-host slice's @tpu takes the
+    place of the flow's own @parallel, one parallel decorator on the step."""
+    rc, steps, out = pipeline_with(tmp_path, {"pretrain": {"kind": "tpu", "type": "v5e", "topology": "4x4"}})
+    assert rc == 0, out
+    pre = steps["pretrain"]
+    assert pre["parallel"] and "parallel" not in pre["decorators"] and pre["decorators"][-2:] == ["tpu", "kubernetes"]
+    assert steps["sft"]["parallel"] and "parallel" in steps["sft"]["decorators"]
 
 
 @pytest.mark.parametrize("compute, needle", [
@@ -291,21 +298,36 @@ def _argo(flow: Path, *args: str) -> dict:
     return {t["name"]: t for t in json.loads(proc.stdout)["spec"]["templates"]}
 
 
+def _jobset(template: dict) -> dict:
+    """The JobSet manifest of an Argo resource template (a @parallel step), by replicated job name."""
+    # Argo fills `{{...}}` in before the manifest is parsed; quote the bare ones to read it here
+    text = re.sub(r": (\{\{[^}]*\}\})\s*$", r": '\1'", template["resource"]["manifest"], flags=re.M)
+    manifest = yaml.safe_load(text)
+    assert manifest["kind"] == "JobSet"
+    return {rj["name"]: rj for rj in manifest["spec"]["replicatedJobs"]}
+
+
 def test_argo_workflow_template_runs_a_tpu_stage_on_its_slice(tmp_path):
+    """The training stages are @parallel steps (mesh.num_parallel processes), so Argo runs each as a
+    JobSet; on a one-host slice every pod of it gets the slice's selectors, chips and image."""
     pytest.importorskip("kubernetes")
     path = tmp_path / "overrides.yaml"
     path.write_text(yaml.safe_dump({"compute": {"tpu_image": "reg/flaxchat:tpu",
                                                 "pretrain": {"kind": "tpu", "type": "v5e", "topology": "2x2"}}}))
     templates = _argo(PIPELINE, "--config", "config", str(path))
-    pretrain = templates["pretrain"]
-    assert pretrain["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
-                                        "cloud.google.com/gke-tpu-topology": "2x2"}
-    assert pretrain["tolerations"] == [TPU_TOLERATION]
-    assert pretrain["container"]["resources"]["limits"] == {"google.com/tpu": "4"}
-    assert pretrain["container"]["image"] == "reg/flaxchat:tpu"
+    for rj in _jobset(templates["pretrain"]).values():
+        pod = _pod(rj)
+        assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+                                       "cloud.google.com/gke-tpu-topology": "2x2"}
+        assert pod["tolerations"] == [TPU_TOLERATION]
+        assert pod["containers"][0]["resources"]["limits"] == {"google.com/tpu": "4"}
+        assert pod["containers"][0]["image"] == "reg/flaxchat:tpu"
     # Argo puts every step on Kubernetes; the local stages get Metaflow's defaults, no accelerator
-    assert "google.com/tpu" not in templates["sft"]["container"]["resources"]["limits"]
-    assert not templates["sft"].get("nodeSelector")
+    for rj in _jobset(templates["sft"]).values():
+        pod = _pod(rj)
+        assert "google.com/tpu" not in pod["containers"][0]["resources"].get("limits", {})
+        assert not pod.get("nodeSelector")
+    assert "google.com/tpu" not in templates["eval"]["container"]["resources"]["limits"]
 
 
 def test_argo_workflow_template_runs_a_gang_as_a_jobset():

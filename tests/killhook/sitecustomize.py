@@ -9,13 +9,16 @@ KILL_MODE=manifest -> die as the stage is about to write its manifest: its final
                       landed (the loop waits for it), nothing after it has happened (as when the
                       card or an upload fails after training)
 KILL_STAGE=NAME    -> only in a process whose command line names NAME (a Metaflow task of that step)
+KILL_NODE=N        -> only in node N of a @parallel step (a worker, N >= 1: Metaflow starts it with
+                      MF_PARALLEL_NODE_INDEX set; node 0, the control task, learns its index later)
 """
 
 import os
 
 import sys
 
-if os.environ.get("KILL_MODE") and os.environ.get("KILL_STAGE", sys.argv[0]) in sys.argv:
+if (os.environ.get("KILL_MODE") and os.environ.get("KILL_STAGE", sys.argv[0]) in sys.argv
+        and os.environ.get("KILL_NODE") in (None, os.environ.get("MF_PARALLEL_NODE_INDEX"))):
     import signal
 
     mode, _, arg = os.environ["KILL_MODE"].partition(":")

@@ -55,6 +55,9 @@ class stage_compute(FlowMutator):
                 continue
             if stage not in steps:
                 raise ComputeConfigError(f"compute.{stage} is set but the flow has no step named {stage}")
+            if where.hosts > 1:
+                # a multi-host @tpu is itself the step's @parallel decorator: the flow's own gives way
+                steps[stage].remove_decorator("parallel")
             # OVERRIDE: a step decorator written in the flow for the same purpose gives way to the config
             steps[stage].add_decorator(where.decorator, deco_kwargs=dict(where.attributes),
                                        duplicates=MutableStep.OVERRIDE)
