@@ -238,6 +238,13 @@ class FullPipelineFlow(FlowSpec):
         from flows.cards import tokenizer_card
         self.tokenizer_manifest = self._produce("tokenizer", {}, lambda uri: tokenizer.run(self._config(), {}, uri))
         self._show("tokenizer", tokenizer_card(self.tokenizer_manifest), self.tokenizer_manifest)
+        self.next(self.launch_pretrain)
+
+    @step
+    def launch_pretrain(self):
+        """Fan out to the pretrain processes. A step of its own because `resume` never clones the step
+        that fans out to a @parallel step (Metaflow treats it as part of the gang): this one is free to
+        rerun, the tokenizer is cloned."""
         self.next(self.pretrain, num_parallel=self._processes("pretrain"))
 
     @card(type="blank", id="pretrain", refresh_interval=10)

@@ -84,13 +84,13 @@ def _final_params(manifest: dict) -> dict[str, np.ndarray]:
 
 
 def test_training_stages_are_parallel_steps_each_with_its_join():
-    """The DAG: tokenizer and each launch step fan out to num_parallel processes; every training step
+    """The DAG: each launch step fans out to num_parallel processes; every training step
     is @parallel and ends in a join that no other step shares."""
     from metaflow.graph import FlowGraph
 
     from flows.full_pipeline import FullPipelineFlow
     graph = FlowGraph(FullPipelineFlow)
-    for before, stage in (("tokenizer", "pretrain"), ("launch_sft", "sft"), ("launch_grpo", "grpo")):
+    for before, stage in (("launch_pretrain", "pretrain"), ("launch_sft", "sft"), ("launch_grpo", "grpo")):
         assert graph[before].parallel_foreach and graph[before].out_funcs == [stage], before
         assert graph[stage].parallel_step, stage
         assert graph[stage].out_funcs == [f"{stage}_join"] and graph[f"{stage}_join"].type == "join", stage

@@ -51,7 +51,7 @@ def test_default_config_leaves_every_pipeline_step_local():
     rc, steps, out = probe(PIPELINE)
     assert rc == 0, out
     training = {"pretrain", "sft", "grpo"}
-    assert set(steps) == {"start", "tokenizer", "eval", "export", "end", "launch_sft", "launch_grpo",
+    assert set(steps) == {"start", "tokenizer", "eval", "export", "end", "launch_pretrain", "launch_sft", "launch_grpo",
                           *training, *(f"{t}_join" for t in training)}
     for name, s in steps.items():
         assert s["kubernetes"] is None and not {"tpu", "kubernetes"} & set(s["decorators"]), name
