@@ -17,8 +17,15 @@ Per token (B batch, T time, C=n_embd, H heads, Hkv kv heads, D head_dim, V padde
 
 Dtypes: parameters are fp32 masters; matmuls run in the compute dtype (bf16 on GPU/TPU, fp32 on
 CPU) and return it, like nanochat's Linear; the residual stream is stored in the compute dtype;
-norms, RoPE, gates, softmax, softcap and the loss are computed in fp32 (the loss by a fused
-custom-VJP cross-entropy that never materialises fp32 logits or a one-hot).
+norms, RoPE, gates, softmax, softcap and the loss are computed in fp32 (the loss by
+flaxchat.model.fused_head: lm_head, softcap and cross-entropy chunk by chunk, so the (B,T,V) logits
+are never stored and their gradient is made once).
+
+The CPU training path (`ModelSpec.cpu_train_path`, "chunked" attention, picked by "auto" on CPU):
+XLA:CPU's autodiff of the same program spends most of the backward copying big operands into
+transposed layouts, so there the block matmuls use flaxchat.model.linear's backward, attention is
+flaxchat.model.chunked_attention (block-causal, recomputing probabilities) and the layer scan is
+unrolled. Values are those of the plain path up to the order of floating-point sums.
 
 Why value embeddings live in one stacked table: nanochat has a vocab x kv_dim table only on layers
 i with i % 2 == (L-1) % 2. Stacking them as (n_ve, V, kv_dim) (and ve_gate as (n_ve, 12, Hkv)) keeps
@@ -33,7 +40,6 @@ more memory, so the gather stays in the body.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -45,6 +51,8 @@ from flax.core import spmd as flax_spmd
 
 from flaxchat.model.attention import QK_SCALE, apply_rotary, causal_attention, resolve_attention_impl, rms_norm, rope_cos_sin
 from flaxchat.config import ModelConfig
+from flaxchat.model.fused_head import head_loss, head_nll, chunk_len
+from flaxchat.model.linear import linear
 from flaxchat.mesh import with_logical_constraint   # no-op outside flaxchat.mesh.mesh_context
 
 SMEAR_CHANNELS = 24      # smear gate reads the first 24 channels of the embedding
@@ -73,7 +81,7 @@ class ModelSpec:
     softcap: float
     compute_dtype: str                # "float32" | "bfloat16"
     remat: str                        # "none" | "full" | "dots"
-    attention_impl: str               # resolved: "xla" | "cudnn" | "splash"
+    attention_impl: str               # resolved: "xla" | "cudnn" | "splash" | "chunked"
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, backend: str | None = None) -> "ModelSpec":
@@ -93,6 +101,13 @@ class ModelSpec:
                    n_embd=cfg.n_embd, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim,
                    sequence_len=cfg.sequence_len, windows=tuple(cfg.window_sizes()), softcap=float(cfg.softcap),
                    compute_dtype=dtype, remat=cfg.remat, attention_impl=impl)
+
+    @property
+    def cpu_train_path(self) -> bool:
+        """The CPU-tuned training path ("chunked" attention, which "auto" picks on CPU): matmuls with
+        flaxchat.model.linear's backward and the layer scan unrolled. Same values as the plain path;
+        exports force "xla" attention and so also get the plain scan."""
+        return self.attention_impl == "chunked"
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -259,6 +274,13 @@ def _mm(x: jax.Array, w: jax.Array, dtype: jnp.dtype, out: jnp.dtype | None = No
     return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=out or dtype)
 
 
+def _dense(s: ModelSpec, x: jax.Array, w: jax.Array) -> jax.Array:
+    """A block/head matmul: `_mm`, through flaxchat.model.linear's backward on the CPU path."""
+    if s.cpu_train_path:
+        return linear(x.astype(s.dtype), w.astype(s.dtype))
+    return _mm(x, w, s.dtype)
+
+
 def embed_tokens(params: dict, s: ModelSpec, idx: jax.Array) -> jax.Array:
     """Normed token embedding (B,T,C) in the compute dtype; nanochat stores wte in that dtype."""
     return rms_norm(params["wte"][idx].astype(s.dtype))
@@ -279,9 +301,9 @@ def block_qkv(s: ModelSpec, layer: dict, x: jax.Array, x0: jax.Array, ve_row: ja
     p = layer["p"]
     x = (layer["resid_lambda"] * x.astype(jnp.float32) + layer["x0_lambda"] * x0.astype(jnp.float32)).astype(s.dtype)
     h = rms_norm(x)
-    q = _mm(h, p["attn"]["c_q"], s.dtype).reshape(B, T, s.n_head, s.head_dim)
-    k = _mm(h, p["attn"]["c_k"], s.dtype).reshape(B, T, s.n_kv_head, s.head_dim)
-    v = _mm(h, p["attn"]["c_v"], s.dtype).reshape(B, T, s.n_kv_head, s.head_dim)
+    q = _dense(s, h, p["attn"]["c_q"]).reshape(B, T, s.n_head, s.head_dim)
+    k = _dense(s, h, p["attn"]["c_k"]).reshape(B, T, s.n_kv_head, s.head_dim)
+    v = _dense(s, h, p["attn"]["c_v"]).reshape(B, T, s.n_kv_head, s.head_dim)
     gate = VE_GATE_SCALE * jax.nn.sigmoid(_mm(h[..., :VE_GATE_CHANNELS], layer["ve_gate"], s.dtype, jnp.float32))
     gate = jnp.where(layer["ve_slot"] >= 0, gate, 0.0)                    # (B,T,Hkv)
     ve = ve_row.astype(s.dtype).astype(jnp.float32).reshape(B, T, s.n_kv_head, s.head_dim)
@@ -296,9 +318,9 @@ def block_out(s: ModelSpec, layer: dict, x: jax.Array, y: jax.Array) -> jax.Arra
     B, T, _ = x.shape
     p = layer["p"]
     f32 = jnp.float32
-    x = (x.astype(f32) + _mm(y.reshape(B, T, -1), p["attn"]["c_proj"], s.dtype).astype(f32)).astype(s.dtype)
-    hid = jnp.square(jax.nn.relu(_mm(rms_norm(x), p["mlp"]["c_fc"], s.dtype).astype(f32))).astype(s.dtype)
-    return (x.astype(f32) + _mm(hid, p["mlp"]["c_proj"], s.dtype).astype(f32)).astype(s.dtype)
+    x = (x.astype(f32) + _dense(s, y.reshape(B, T, -1), p["attn"]["c_proj"]).astype(f32)).astype(s.dtype)
+    hid = jnp.square(jax.nn.relu(_dense(s, rms_norm(x), p["mlp"]["c_fc"]).astype(f32))).astype(s.dtype)
+    return (x.astype(f32) + _dense(s, hid, p["mlp"]["c_proj"]).astype(f32)).astype(s.dtype)
 
 
 def layer_inputs(params: dict, s: ModelSpec) -> dict:
@@ -329,11 +351,16 @@ def remat_wrap(body, s: ModelSpec):
     return jax.checkpoint(body, policy=policy, prevent_cse=False)
 
 
+def head_hidden(params: dict, s: ModelSpec, x: jax.Array, x_mid: jax.Array) -> jax.Array:
+    """Backout and final norm -> the lm_head's input (B,T,C) in the compute dtype."""
+    x = (x.astype(jnp.float32) - params["backout_lambda"] * x_mid.astype(jnp.float32)).astype(s.dtype)
+    return rms_norm(x)
+
+
 def head_raw(params: dict, s: ModelSpec, x: jax.Array, x_mid: jax.Array) -> jax.Array:
     """Backout, final norm, lm_head -> raw logits (B,T,padded_vocab) in the compute dtype (as
-    nanochat's bf16 Linear). Softcap and vocab slicing happen in `softcap_logits` / the loss."""
-    x = (x.astype(jnp.float32) - params["backout_lambda"] * x_mid.astype(jnp.float32)).astype(s.dtype)
-    return _mm(rms_norm(x), params["lm_head"], s.dtype)
+    nanochat's bf16 Linear). Softcap and vocab slicing happen in `softcap_logits`."""
+    return _mm(head_hidden(params, s, x, x_mid), params["lm_head"], s.dtype)
 
 
 def softcap_logits(raw: jax.Array, s: ModelSpec) -> jax.Array:
@@ -341,52 +368,28 @@ def softcap_logits(raw: jax.Array, s: ModelSpec) -> jax.Array:
     return s.softcap * jnp.tanh(raw[..., :s.vocab_size].astype(jnp.float32) / s.softcap)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def softcapped_nll(raw: jax.Array, targets: jax.Array, softcap: float, vocab_size: int) -> jax.Array:
-    """Per-token cross-entropy of softcapped logits, 0 where target == -1. raw (B,T,Vp), any dtype.
-
-    A custom VJP so the (B,T,V) tensor is touched in exactly two fused passes: the forward reads the
-    raw logits once for the logsumexp (the target logit is a gather of one value per row), and the
-    backward writes d(raw) = g * (softmax - [col == target]) * (1 - tanh^2) in one elementwise pass;
-    no fp32 logits and no one-hot are ever materialised. Padded columns (>= vocab_size) are masked."""
-    return _nll_fwd(raw, targets, softcap, vocab_size)[0]
+# Rows per chunk of the fused head: on CPU small chunks keep the logits' passes near the caches;
+# accelerators want big matmuls, and 8192 x 32768 chunks still bound the logits' memory.
+HEAD_CHUNK_ROWS = {"cpu": 1024}
+HEAD_CHUNK_ROWS_DEFAULT = 8192
 
 
-def _capped(raw: jax.Array, softcap: float) -> jax.Array:
-    return softcap * jnp.tanh(raw.astype(jnp.float32) / softcap)
-
-
-def _nll_fwd(raw, targets, softcap, vocab_size):
-    cols = jax.lax.broadcasted_iota(jnp.int32, raw.shape, raw.ndim - 1)
-    z = jnp.where(cols < vocab_size, _capped(raw, softcap), -jnp.inf)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    valid = targets != IGNORE_INDEX
-    picked = _capped(jnp.take_along_axis(raw, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0], softcap)
-    return jnp.where(valid, lse - picked, 0.0), (raw, targets, lse)
-
-
-def _nll_bwd(softcap, vocab_size, res, g):
-    raw, targets, lse = res
-    cols = jax.lax.broadcasted_iota(jnp.int32, raw.shape, raw.ndim - 1)
-    t = jnp.tanh(raw.astype(jnp.float32) / softcap)
-    probs = jnp.exp(softcap * t - lse[..., None])
-    g = jnp.where(targets != IGNORE_INDEX, g, 0.0)[..., None]
-    d = g * (probs - (cols == targets[..., None])) * (1.0 - t * t)
-    return jnp.where(cols < vocab_size, d, 0.0).astype(raw.dtype), None
-
-
-softcapped_nll.defvjp(_nll_fwd, _nll_bwd)
-
-
-def reduce_loss(nll: jax.Array, targets: jax.Array, reduction: str) -> jax.Array:
-    """'mean' over non-ignored tokens (0 when none, where torch gives NaN), 'sum', or 'none' (B,T)."""
+def head_loss_of(params: dict, s: ModelSpec, h: jax.Array, targets: jax.Array, reduction: str) -> jax.Array:
+    """The loss of the softcapped logits of h (B,T,C) through flaxchat.model.fused_head (the (B,T,V)
+    logits are never stored): 'mean' over non-ignored tokens (0 when none, where torch gives NaN),
+    'sum', or 'none' (B,T) per-token losses, 0 where targets == -1."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"loss_reduction={reduction!r} must be 'mean', 'sum' or 'none'")
+    B, T = targets.shape
+    rows = HEAD_CHUNK_ROWS.get(jax.default_backend(), HEAD_CHUNK_ROWS_DEFAULT)
+    chunk = chunk_len(B, T, rows)
+    w = params["lm_head"].astype(s.dtype)
+    h = with_logical_constraint(h, RESIDUAL_AXES)
     if reduction == "none":
-        return nll
-    if reduction == "sum":
-        return nll.sum()
-    if reduction == "mean":
-        return nll.sum() / jnp.maximum((targets != IGNORE_INDEX).sum(), 1)
-    raise ValueError(f"loss_reduction={reduction!r} must be 'mean', 'sum' or 'none'")
+        return head_nll(h, w, targets, s.softcap, s.vocab_size, chunk)
+    valid = (targets != IGNORE_INDEX).astype(jnp.float32)
+    weights = valid / jnp.maximum(valid.sum(), 1.0) if reduction == "mean" else valid
+    return head_loss(h, w, targets, weights, s.softcap, s.vocab_size, chunk)
 
 
 def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array | None = None,
@@ -412,8 +415,12 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
         carry = jax.tree.map(lambda t: with_logical_constraint(t, RESIDUAL_AXES), carry)
         return body(carry, layer)
 
-    (x, x_mid), _ = jax.lax.scan(remat_wrap(constrained, s), (x, jnp.zeros_like(x)), layer_inputs(params, s))
+    # Unrolled on the CPU path: a rolled scan stacks every layer's saved activations into buffers it
+    # zero-fills and slices each step; the jaxpr (one scan) does not grow with depth either way.
+    unroll = s.n_layer if s.cpu_train_path else 1
+    (x, x_mid), _ = jax.lax.scan(remat_wrap(constrained, s), (x, jnp.zeros_like(x)), layer_inputs(params, s),
+                                 unroll=unroll)
+    if targets is not None:
+        return head_loss_of(params, s, head_hidden(params, s, x, x_mid), targets, loss_reduction)
     raw = with_logical_constraint(head_raw(params, s, x, x_mid), ("batch", "seq", "vocab"))
-    if targets is None:
-        return softcap_logits(raw, s)
-    return reduce_loss(softcapped_nll(raw, targets, s.softcap, s.vocab_size), targets, loss_reduction)
+    return softcap_logits(raw, s)
