@@ -19,6 +19,7 @@ import os
 import time
 from typing import Any
 
+from flaxchat.compute import STAGES
 from flaxchat.config import ConfigError, PipelineConfig
 from flaxchat.model import flops
 from flaxchat.optim.scaling import plan_training
@@ -41,7 +42,6 @@ PRICE_PER_CHIP_HOUR = {"v4": 3.22, "v5e": 1.20, "v5p": 4.20, "v6e": 2.70,
 CHARS_PER_SHARD = 250e6
 CHARS_PER_TOKEN = 4.8
 CROPPED_FRACTION = 0.35
-STAGES = ("tokenizer", "pretrain", "sft", "grpo", "eval", "export")
 
 
 class PlanError(ValueError):
