@@ -16,7 +16,9 @@ tok/s = tokens generated / wall time of the whole generate call (prefill include
 --nanochat each round first runs nanochat's decode.py (a subprocess with its own warm-up, in the venv
 of $NANOCHAT_VENV, source $NANOCHAT_SRC; it retrains its tokenizer every time, which is not timed),
 then ours, so both see the same machine load; the table gives the medians over rounds and the
-ratio of the medians. --unbucketed adds an Engine(bucket_cache=False) (cache = max_len = 512) row.
+ratio of the medians. With --nanochat each round of ours runs in a fresh process (compiled before
+its timed calls), so neither side holds memory while the other runs: on this kind of VM a process
+merely holding a few GB resident makes the other's page faults dearer. --unbucketed adds an Engine(bucket_cache=False) (cache = max_len = 512) row.
 
 Models have random weights (speed does not depend on them) and a stub tokenizer (vocab 8192 on CPU,
 32768 on GPU; only the special-token ids matter). Decode tokens/s = generated tokens / wall time
@@ -127,6 +129,7 @@ RUNCPU = dict(depth=6, aspect_ratio=64, head_dim=64, window_pattern="L", sequenc
               compute_dtype="float32")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NANOCHAT_SCRIPT = os.path.join(REPO, "..", "shared", "nanochat_bench", "decode.py")
+RUNCPU_SAMPLES = [1, 8]
 
 
 def runcpu_rates(engine: Engine, prompt: list[int], samples: list[int], tokens: int, repeats: int,
@@ -154,41 +157,68 @@ def nanochat_rates(python: str, script: str, samples: list[int], tokens: int, re
     return {r["num_samples"]: r["tokens_per_s"] for r in summary["results"]}
 
 
-def runcpu(args) -> None:
+def runcpu_engines(args) -> tuple[dict[str, Engine], list[int]]:
+    """The runcpu model's engines (default settings; --unbucketed adds one), compiled, and the prompt."""
     from flaxchat.model.gpt import GPT
     cfg = ModelConfig(**RUNCPU)
     cfg.derive()
     model = GPT(cfg, nnx.Rngs(0))
     tok = StubTokenizer(cfg.vocab_size)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size - 16, 32).tolist()
-    samples = [1, 8]
     engines = {"flaxchat": Engine(model, tok)}                 # the default settings
     if args.unbucketed:
         engines["flaxchat unbucketed"] = Engine(model, tok, bucket_cache=False)
     for eng in engines.values():                                # compile outside the timed rounds
-        runcpu_rates(eng, prompt, samples, args.tokens or 128, 1, seed=0)
+        runcpu_rates(eng, prompt, RUNCPU_SAMPLES, args.tokens or 128, 1, seed=0)
+    return engines, prompt
+
+
+def runcpu_round(engines: dict[str, Engine], prompt: list[int], args, r: int) -> dict[str, dict[int, float]]:
+    return {name: runcpu_rates(eng, prompt, RUNCPU_SAMPLES, args.tokens or 128, args.repeats, seed=100 * r)
+            for name, eng in engines.items()}
+
+
+def runcpu_round_fresh(args, r: int) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
+    """One round of ours in a fresh process, so it holds no memory while nanochat runs (see the docstring)."""
+    cmd = [sys.executable, __file__, "--runcpu-round", str(r), "--repeats", str(args.repeats)]
+    cmd += (["--tokens", str(args.tokens)] if args.tokens else []) + (["--unbucketed"] if args.unbucketed else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(f"flaxchat round failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    return {name: {int(ns): v for ns, v in per.items()} for name, per in got["rates"].items()}, got["cache_len"]
+
+
+def runcpu(args) -> None:
+    samples = RUNCPU_SAMPLES
+    engines, prompt = ({}, None) if args.nanochat else runcpu_engines(args)
+    cfg = ModelConfig(**RUNCPU)
+    cfg.derive()
     print(f"runcpu: depth {cfg.depth} n_embd {cfg.n_embd} heads {cfg.n_head}x{cfg.head_dim} vocab {cfg.vocab_size} "
           f"seq {cfg.sequence_len} fp32, prompt 32, new {args.tokens or 128}, T=1.0, {args.rounds} rounds x "
           f"{args.repeats} calls", flush=True)
     rows: dict[str, dict[int, list[float]]] = {}
+    cache_len: dict[str, int] = {}
     for r in range(args.rounds):
         if args.nanochat:
             got = nanochat_rates(args.nanochat_python, args.nanochat_script, samples, args.tokens or 128, args.repeats)
             for ns in samples:
                 rows.setdefault("nanochat", {}).setdefault(ns, []).append(got[ns])
-        for name, eng in engines.items():
-            got = runcpu_rates(eng, prompt, samples, args.tokens or 128, args.repeats, seed=100 * r)
+            ours, cache_len = runcpu_round_fresh(args, r)
+        else:
+            ours = runcpu_round(engines, prompt, args, r)
+            cache_len = {name: eng.last_cache_len for name, eng in engines.items()}
+        for name, got in ours.items():
             for ns in samples:
                 rows.setdefault(name, {}).setdefault(ns, []).append(got[ns])
         print(f"round {r + 1}: " + "  ".join(f"{name} {ns}:{rows[name][ns][-1]:.0f}" for name in rows for ns in samples),
               flush=True)
-    cache_len = {name: eng.last_cache_len for name, eng in engines.items()}
     print(f"\n{'engine':<22} {'cache len':>9} " + " ".join(f"{f'{ns} sample' + ('s' if ns > 1 else ''):>11}"
                                                           for ns in samples) + "   (median tok/s)")
     for name, per in rows.items():
         print(f"{name:<22} {cache_len.get(name, '-'):>9} " + " ".join(f"{statistics.median(per[ns]):>11.1f}" for ns in samples))
     if "nanochat" in rows:
-        for name in engines:
+        for name in cache_len:
             print(f"{name + ' / nanochat':<32} " + " ".join(
                 f"{statistics.median(rows[name][ns]) / statistics.median(rows['nanochat'][ns]):>10.2f}x" for ns in samples))
     print(json.dumps({"runcpu": {name: {str(ns): per[ns] for ns in samples} for name, per in rows.items()},
@@ -207,8 +237,13 @@ def main() -> None:
     ap.add_argument("--nanochat-python", default=os.path.join(os.environ.get("NANOCHAT_VENV", "/tmp/nanochat-venv"),
                                                               "bin", "python"))
     ap.add_argument("--nanochat-script", default=NANOCHAT_SCRIPT)
+    ap.add_argument("--runcpu-round", type=int, default=None, help=argparse.SUPPRESS)   # one round, JSON (subprocess)
     args = ap.parse_args()
-    if args.runcpu:
+    if args.runcpu_round is not None:
+        engines, prompt = runcpu_engines(args)
+        rates = runcpu_round(engines, prompt, args, args.runcpu_round)
+        print(json.dumps({"rates": rates, "cache_len": {n: e.last_cache_len for n, e in engines.items()}}))
+    elif args.runcpu:
         runcpu(args)
     elif args.gpu:
         tokens = args.tokens or 256

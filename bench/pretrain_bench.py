@@ -7,7 +7,10 @@ median step seconds, tokens/s and MFU (nanochat's FLOPs/token against the chip's
 With --nanochat, karpathy/nanochat's own compiled train step at the same config (its runs/runcpu.sh
 one) runs in the same session, interleaved with ours (ours B, nanochat B, next B, ..., repeated),
 through ../shared/nanochat_bench/train_step.py in its own torch venv; a table of medians over the
-repeats and the ratio ours / nanochat closes the output. The machine is shared and noisy, so the
+repeats and the ratio ours / nanochat closes the output. With --nanochat our side also runs in a
+fresh process per (B, repeat), so neither side holds memory while the other runs: on this kind of VM
+a process merely holding 3.5 GB resident slowed nanochat's step by ~20% (page faults get dearer),
+which a long-lived bench process of ours would have done to it. The machine is shared and noisy, so the
 interleaving and the medians are what make the ratio mean something; the fastest step of each side
 over all repeats is printed too ("best"), the figure least touched by other load.
 
@@ -23,6 +26,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -90,6 +94,15 @@ class Runner:
                 "mfu": mfu(tok_s, estimate_flops(self.mcfg), jax.device_count(), dev.device_kind), "peak_GiB": peak}
 
 
+def flaxchat_row(batch: int, steps: int) -> dict:
+    """Our CPU train step at batch `batch`, timed in a fresh process (see the module docstring)."""
+    cmd = [sys.executable, __file__, "--row-json", "--batch", str(batch), "--steps", str(steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"flaxchat bench failed ({' '.join(cmd)}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def nanochat_step(batch: int, steps: int, python: str) -> dict:
     """nanochat's torch.compile'd train step at the runcpu config, in its own venv and process.
     The inductor cache is kept between calls so only the first call pays nanochat's cold compile."""
@@ -112,7 +125,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the table takes medians")
     p.add_argument("--nanochat", nargs="?", const=NANOCHAT_VENV, default=None, metavar="VENV",
                    help=f"also time nanochat's compiled step, with the torch venv VENV (default {NANOCHAT_VENV})")
+    p.add_argument("--row-json", action="store_true", help=argparse.SUPPRESS)   # one CPU row as JSON (subprocess)
     args = p.parse_args()
+    if args.row_json:
+        runner = Runner(depth=6, head_dim=64, window="L", seq=512, batch=args.batch[0], accum=1, vocab=32768,
+                        dtype="float32", remat="none")
+        print(json.dumps({**runner.time_steps(args.steps), "best_s": runner.best_s}))
+        return
     if args.gpu:
         configs = [dict(depth=d, head_dim=128, window="SSSL", seq=2048, batch=b, accum=1, vocab=32768,
                         dtype="bfloat16", remat="dots") for d, b in ((12, 16), (20, 8))]
@@ -130,30 +149,33 @@ def main() -> None:
     print(f"backend={jax.default_backend()} devices={jax.device_count()} kind={jax.devices()[0].device_kind}")
     print(f"{'who':>8} {'rep':>3} {'B':>3} {'depth':>5} {'dim':>5} {'T':>5} {'tok/step':>9} {'compile s':>9} "
           f"{'step s':>8} {'tok/s':>10} {'MFU':>6} {'peak GiB':>8}", flush=True)
-    runners = [Runner(**cfg) for cfg in configs]
-    ours: dict[int, list[float]] = {r.batch: [] for r in runners}
-    theirs: dict[int, list[float]] = {r.batch: [] for r in runners}
-    best_theirs: dict[int, float] = {r.batch: float("inf") for r in runners}     # fastest step, seconds
+    runners = [] if nanochat_python else [Runner(**cfg) for cfg in configs]
+    batches = [cfg["batch"] for cfg in configs]
+    ours: dict[int, list[float]] = {b: [] for b in batches}
+    theirs: dict[int, list[float]] = {b: [] for b in batches}
+    best_ours: dict[int, float] = {b: float("inf") for b in batches}       # fastest step, seconds
+    best_theirs: dict[int, float] = {b: float("inf") for b in batches}
     for rep in range(args.repeats):
-        for runner in runners:
-            r = runner.time_steps(args.steps)
-            ours[runner.batch].append(r["tok/s"])
+        for i, b in enumerate(batches):
+            r = flaxchat_row(b, args.steps) if nanochat_python else runners[i].time_steps(args.steps)
+            best_ours[b] = min(best_ours[b], r["best_s"] if nanochat_python else runners[i].best_s)
+            ours[b].append(r["tok/s"])
             print(f"{'flaxchat':>8} {rep:>3} {r['B']:>3} {r['depth']:>5} {r['dim']:>5} {r['T']:>5} {r['tokens/step']:>9} "
                   f"{r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['tok/s']:>10,.0f} {100 * r['mfu']:>5.1f}% "
                   f"{r['peak_GiB']:>8.2f}", flush=True)
             if nanochat_python:
-                n = nanochat_step(runner.batch, args.steps, nanochat_python)
-                theirs[runner.batch].append(n["tokens_per_s"])
-                best_theirs[runner.batch] = min(best_theirs[runner.batch], n["min_ms_per_step"] / 1e3)
+                n = nanochat_step(b, args.steps, nanochat_python)
+                theirs[b].append(n["tokens_per_s"])
+                best_theirs[b] = min(best_theirs[b], n["min_ms_per_step"] / 1e3)
                 print(f"{'nanochat':>8} {rep:>3} {n['B']:>3} {'':>5} {'':>5} {n['T']:>5} {n['tokens_per_step']:>9} "
                       f"{'':>9} {n['median_ms_per_step'] / 1e3:>8.3f} {n['tokens_per_s']:>10,.0f}", flush=True)
     if nanochat_python:
         print(f"\nmedians over {args.repeats} interleaved repeats of {args.steps} steps (tok/s)")
         print(f"{'B':>3} {'flaxchat':>10} {'nanochat':>10} {'ratio':>7} {'best flaxchat':>14} {'best nanochat':>14} "
               f"{'best ratio':>10}")
-        for b, runner in zip(ours, runners):
+        for b in batches:
             mine, ref = statistics.median(ours[b]), statistics.median(theirs[b])
-            bm, bt = runner.tokens / runner.best_s, runner.tokens / best_theirs[b]
+            bm, bt = 512 * b / best_ours[b], 512 * b / best_theirs[b]
             print(f"{b:>3} {mine:>10,.0f} {ref:>10,.0f} {mine / ref:>6.2f}x {bm:>14,.0f} {bt:>14,.0f} {bm / bt:>9.2f}x",
                   flush=True)
 

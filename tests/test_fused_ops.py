@@ -39,9 +39,9 @@ VOCAB, PADDED, SOFTCAP = 50, 64, 15.0
 B, T, C = 2, 12, 16
 
 
-def plain_nll(h, w, tgt):
+def plain_nll(h, w, tgt, vocab=VOCAB):
     """The unfused head: logits in full, softcapped, log-softmax over the real vocab, -1 ignored."""
-    z = SOFTCAP * jnp.tanh(jnp.matmul(h, w)[..., :VOCAB] / SOFTCAP)
+    z = SOFTCAP * jnp.tanh(jnp.matmul(h, w)[..., :vocab] / SOFTCAP)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(z), jnp.maximum(tgt, 0)[..., None], -1)[..., 0]
     return jnp.where(tgt != -1, nll, 0.0)
 
@@ -64,16 +64,27 @@ def test_chunk_len_divides_and_fits():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_head_loss_equals_autodiff(head_inputs, chunk, reduction):
     h, w, tgt = head_inputs
+    check_head_loss(h, w, tgt, chunk, reduction, VOCAB)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_head_loss_without_padded_columns(head_inputs, reduction):
+    """vocab == padded width: the head skips its column mask (a static branch), same values."""
+    h, w, tgt = head_inputs
+    check_head_loss(h, w, tgt, 4, reduction, PADDED)
+
+
+def check_head_loss(h, w, tgt, chunk, reduction, vocab):
     valid = (tgt != -1).astype(jnp.float32)
     weights = valid / valid.sum() if reduction == "mean" else valid
-    fused = lambda h, w: 3.0 * head_loss(h, w, tgt, weights, SOFTCAP, VOCAB, chunk)     # cotangent 3
-    plain = lambda h, w: 3.0 * (plain_nll(h, w, tgt) * weights).sum()
+    fused = lambda h, w: 3.0 * head_loss(h, w, tgt, weights, SOFTCAP, vocab, chunk)     # cotangent 3
+    plain = lambda h, w: 3.0 * (plain_nll(h, w, tgt, vocab) * weights).sum()
     lf, gf = jax.value_and_grad(fused, argnums=(0, 1))(h, w)
     lp, gp = jax.value_and_grad(plain, argnums=(0, 1))(h, w)
     np.testing.assert_allclose(lf, lp, rtol=1e-6)
     np.testing.assert_allclose(jax.jit(fused)(h, w), lp, rtol=1e-6)               # the primal (no grad)
     assert_trees_close(gf, gp)
-    assert not np.any(np.asarray(gf[1])[:, VOCAB:])                               # padded columns: no grad
+    assert not np.any(np.asarray(gf[1])[:, vocab:])                               # padded columns: no grad
     assert not np.any(np.asarray(gf[0])[1, 3])                                    # ignored row: no grad
 
 

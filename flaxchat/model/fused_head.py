@@ -60,7 +60,9 @@ def _logits(h: jax.Array, w: jax.Array, tgt: jax.Array, softcap: float, vocab: i
     raw = with_logical_constraint(raw, ("batch", "seq", "vocab"))
     t = jnp.tanh(raw.astype(jnp.float32) / softcap)
     cols = jax.lax.broadcasted_iota(jnp.int32, t.shape, t.ndim - 1)
-    e = jnp.where(cols < vocab, jnp.exp(softcap * t), 0.0)
+    e = jnp.exp(softcap * t)
+    if vocab < t.shape[-1]:      # static: with no padded columns the mask pass is skipped (a full pass per chunk)
+        e = jnp.where(cols < vocab, e, 0.0)
     lse = jnp.log(e.sum(-1))
     valid = tgt != IGNORE_INDEX
     picked = softcap * jnp.take_along_axis(t, jnp.where(valid, tgt, 0)[..., None], axis=-1)[..., 0]
