@@ -2,7 +2,7 @@
 
 This is the train step the pretrain stage runs (flaxchat.train.loop.make_train_step), on random
 tokens so no tokenizer or data is needed. Prints one row per config and repeat: compile seconds,
-median step seconds, tokens/s and MFU (nanochat's FLOPs/token against the chip's bf16 peak).
+median step seconds (after WARMUP untimed steps), tokens/s and MFU (nanochat's FLOPs/token against the chip's bf16 peak).
 
 With --nanochat, karpathy/nanochat's own compiled train step at the same config (its runs/runcpu.sh
 one) runs in the same session, interleaved with ours (ours B, nanochat B, next B, ..., repeated),
@@ -45,6 +45,9 @@ from flaxchat.train.loop import _global, make_train_step
 REPO = Path(__file__).resolve().parents[1]
 NANOCHAT_BENCH = os.environ.get("NANOCHAT_BENCH", str(REPO.parent / "shared" / "nanochat_bench" / "train_step.py"))
 NANOCHAT_VENV = os.environ.get("NANOCHAT_VENV", "/tmp/nanochat-venv")
+# untimed steps first, both sides: in a fresh process our first ~3 steps still fault in the heap that
+# flaxchat.host_memory then keeps (measured at B=8: 500k faults and 5-8 s each, then none and ~4.6 s)
+WARMUP = 4
 
 
 class Runner:
@@ -76,7 +79,7 @@ class Runner:
         self.step = 0
         self.best_s = float("inf")      # fastest step over all calls: the figure least touched by other load
 
-    def time_steps(self, steps: int, warmup: int = 2) -> dict:
+    def time_steps(self, steps: int, warmup: int = WARMUP) -> dict:
         times = []
         for i in range(warmup + steps):
             t = time.perf_counter()
@@ -106,7 +109,7 @@ def flaxchat_row(batch: int, steps: int) -> dict:
 def nanochat_step(batch: int, steps: int, python: str) -> dict:
     """nanochat's torch.compile'd train step at the runcpu config, in its own venv and process.
     The inductor cache is kept between calls so only the first call pays nanochat's cold compile."""
-    cmd = [python, NANOCHAT_BENCH, "--modes", "compiled", "--batch-sizes", str(batch), "--warmup", "2",
+    cmd = [python, NANOCHAT_BENCH, "--modes", "compiled", "--batch-sizes", str(batch), "--warmup", str(WARMUP),
            "--steps", str(steps), "--keep-inductor-cache"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
@@ -121,7 +124,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help="d12 and d20, T=2048, bf16, vocab 32768")
     p.add_argument("--batch", type=int, nargs="+", default=[4], help="CPU config: one or more batch sizes")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=5, help=f"timed steps per repeat (after {WARMUP} untimed steps)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the table takes medians")
     p.add_argument("--nanochat", nargs="?", const=NANOCHAT_VENV, default=None, metavar="VENV",
                    help=f"also time nanochat's compiled step, with the torch venv VENV (default {NANOCHAT_VENV})")
