@@ -40,6 +40,9 @@ import subprocess
 import sys
 import time
 
+# the allocator policy for long CPU runs (flaxchat/host_memory.py), before flaxchat is imported
+os.environ.setdefault("FLAXCHAT_HOST_MALLOC", "keep")
+
 import jax
 import numpy as np
 from flax import nnx

@@ -30,6 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+# the allocator policy for long CPU runs (flaxchat/host_memory.py), before flaxchat is imported
+os.environ.setdefault("FLAXCHAT_HOST_MALLOC", "keep")
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -2,4 +2,4 @@
 
 from flaxchat.host_memory import keep_freed_memory
 
-keep_freed_memory()     # before JAX starts its threads (why: flaxchat/host_memory.py)
+keep_freed_memory()     # only with FLAXCHAT_HOST_MALLOC=keep; before JAX starts its threads (flaxchat/host_memory.py)

@@ -1,4 +1,4 @@
-"""flaxchat.host_memory: importing flaxchat makes XLA:CPU reuse freed buffers instead of faulting in new pages."""
+"""flaxchat.host_memory: with FLAXCHAT_HOST_MALLOC=keep, XLA:CPU reuses freed buffers instead of faulting in new pages."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def probe(**env: str) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the policy is glibc's; elsewhere it is a no-op")
-def test_import_keeps_freed_buffers_mapped():
-    kept, system = probe(), probe(FLAXCHAT_HOST_MALLOC="system")
+def test_keep_reuses_freed_buffers():
+    kept, system = probe(FLAXCHAT_HOST_MALLOC="keep"), probe(FLAXCHAT_HOST_MALLOC="")
     assert kept["applied"] and not system["applied"]
     pages = (256 << 20) // 4096
     # the system allocator maps and zero-fills the big buffers again on every call
@@ -44,9 +44,13 @@ def test_import_keeps_freed_buffers_mapped():
     assert kept["faults"] < pages // 20, (kept, system)
 
 
-def test_opt_out_is_a_no_op(monkeypatch):
+@pytest.mark.parametrize("value", [None, "", "system"])
+def test_off_unless_asked(monkeypatch, value):
     from flaxchat import host_memory
     monkeypatch.setattr(host_memory, "_applied", None)
-    monkeypatch.setenv("FLAXCHAT_HOST_MALLOC", "system")
+    if value is None:
+        monkeypatch.delenv("FLAXCHAT_HOST_MALLOC", raising=False)
+    else:
+        monkeypatch.setenv("FLAXCHAT_HOST_MALLOC", value)
     assert host_memory.keep_freed_memory() is False
-    monkeypatch.setattr(host_memory, "_applied", True)     # the process's real state, restored
+    monkeypatch.setattr(host_memory, "_applied", None)     # unset again (monkeypatch restores the original)
