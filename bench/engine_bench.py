@@ -19,6 +19,8 @@ then ours, so both see the same machine load; the table gives the medians over r
 ratio of the medians. With --nanochat each round of ours runs in a fresh process (compiled before
 its timed calls), so neither side holds memory while the other runs: on this kind of VM a process
 merely holding a few GB resident makes the other's page faults dearer. --unbucketed adds an Engine(bucket_cache=False) (cache = max_len = 512) row.
+The "matmuls only (ceiling)" row times a loop that does, per token, nothing but the model's weight
+matmuls (`matmul_floor_rates`): the tok/s no decoder built on XLA:CPU's dots can beat at fp32 here.
 
 Models have random weights (speed does not depend on them) and a stub tokenizer (vocab 8192 on CPU,
 32768 on GPU; only the special-token ids matter). Decode tokens/s = generated tokens / wall time
@@ -44,6 +46,7 @@ import time
 os.environ.setdefault("FLAXCHAT_HOST_MALLOC", "keep")
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -133,6 +136,7 @@ RUNCPU = dict(depth=6, aspect_ratio=64, head_dim=64, window_pattern="L", sequenc
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NANOCHAT_SCRIPT = os.path.join(REPO, "..", "shared", "nanochat_bench", "decode.py")
 RUNCPU_SAMPLES = [1, 8]
+FLOOR = "matmuls only (ceiling)"
 
 
 def runcpu_rates(engine: Engine, prompt: list[int], samples: list[int], tokens: int, repeats: int,
@@ -176,9 +180,41 @@ def runcpu_engines(args) -> tuple[dict[str, Engine], list[int]]:
     return engines, prompt
 
 
+def matmul_floor_rates(model, samples: list[int], tokens: int, repeats: int) -> dict[int, float]:
+    """{rows: tok/s} of a loop that does per token only the model's weight matmuls (q, k, v, o, MLP per
+    layer, then lm_head and one max over the logits), chained so XLA can neither skip nor overlap
+    them: no attention, cache, norms or sampling. It reads the same fp32 weights a decode step
+    must read, through the same XLA:CPU dots, so no engine built on them decodes faster: the
+    ceiling the side-by-side ratios are bounded by."""
+    params = model.param_tree()
+    attn, mlp = params["blocks"]["attn"], params["blocks"]["mlp"]
+    layers = [tuple(attn[n][i] for n in ("c_q", "c_k", "c_v", "c_proj")) + (mlp["c_fc"][i], mlp["c_proj"][i])
+              for i in range(model.spec.n_layer)]
+
+    def run(layers, head, h):
+        def token(_, h):
+            for q, k, v, o, fc, proj in layers:
+                h = h + (h @ q + h @ k + h @ v) @ o
+                h = h + jnp.square(jax.nn.relu(h @ fc)) @ proj
+            return h + 1e-6 * jnp.max(h @ head, axis=-1, keepdims=True)
+        return jax.lax.fori_loop(0, tokens, token, h)
+
+    loop = jax.jit(run)
+    rates = {}
+    for rows in samples:
+        h = jnp.full((rows, model.spec.n_embd), 0.01, jnp.float32)
+        jax.block_until_ready(loop(layers, params["lm_head"], h))
+        runs = [timed(lambda: jax.block_until_ready(loop(layers, params["lm_head"], h)))[0] for _ in range(repeats)]
+        rates[rows] = rows * tokens / statistics.median(runs)
+    return rates
+
+
 def runcpu_round(engines: dict[str, Engine], prompt: list[int], args, r: int) -> dict[str, dict[int, float]]:
-    return {name: runcpu_rates(eng, prompt, RUNCPU_SAMPLES, args.tokens or 128, args.repeats, seed=100 * r)
-            for name, eng in engines.items()}
+    rates = {name: runcpu_rates(eng, prompt, RUNCPU_SAMPLES, args.tokens or 128, args.repeats, seed=100 * r)
+             for name, eng in engines.items()}
+    model = next(iter(engines.values())).model
+    rates[FLOOR] = matmul_floor_rates(model, RUNCPU_SAMPLES, args.tokens or 128, args.repeats)
+    return rates
 
 
 def runcpu_round_fresh(args, r: int) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
@@ -221,8 +257,8 @@ def runcpu(args) -> None:
     for name, per in rows.items():
         print(f"{name:<22} {cache_len.get(name, '-'):>9} " + " ".join(f"{statistics.median(per[ns]):>11.1f}" for ns in samples))
     if "nanochat" in rows:
-        for name in cache_len:
-            print(f"{name + ' / nanochat':<32} " + " ".join(
+        for name in (n for n in rows if n != "nanochat"):
+            print(f"{name + ' / nanochat':<34} " + " ".join(
                 f"{statistics.median(rows[name][ns]) / statistics.median(rows['nanochat'][ns]):>10.2f}x" for ns in samples))
     print(json.dumps({"runcpu": {name: {str(ns): per[ns] for ns in samples} for name, per in rows.items()},
                       "cache_len": cache_len}))
