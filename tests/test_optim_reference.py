@@ -312,3 +312,7 @@ def test_polar_express_auto_picks_gram_for_long_fp32_matrices():
                                   polar_express(x16, method="iterate").astype(jnp.float32))
     with pytest.raises(ValueError, match="method='gram' needs fp32"):
         polar_express(x16, method="gram")
+    x = jnp.asarray(rng.normal(size=(2, 24, 96)), jnp.float32)
+    for steps in (1, 2, 3, 5):          # every iteration count, with or without the restart
+        np.testing.assert_allclose(polar_express(x, steps, method="gram"), polar_express(x, steps, method="iterate"),
+                                   atol=2e-5, err_msg=str(steps))

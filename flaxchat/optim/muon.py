@@ -140,16 +140,16 @@ def _polar_gram(x: jax.Array, coeffs, mm) -> jax.Array:
 
     Deliberately not nanochat's loop (same math, different rounding). Each iteration is
     X <- Q(A) X with A = X X^T and Q(A) = aI + bA + cA^2, a polynomial in A; so the next Gram matrix is
-    Q A Q = Q^2 A, and the result is (Q_k ... Q_0) X. That costs ~2 m^2 n + 14 m^3 multiply-adds for 5
-    iterations instead of nanochat's 5 * (2 m^2 n + m^3): 1.5x fewer for the MLP's 4:1 matrices. Forming
-    A squares X's condition number, so in fp32 small singular directions blur as the products pile up
-    (measured: up to 6e-5 off float64 on a log-spaced spectrum, where nanochat's loop is 3e-6 off); one
-    restart before the last two iterations (X <- M X, A recomputed) brings it back to nanochat's
-    level (tests/test_optim_reference.py), for 2 m^2 n more. In bf16 even that is not enough: bf16 uses
-    the loop."""
+    Q A Q = Q^2 A, and the result is (Q_k ... Q_0) X. Forming A squares X's condition number, so in fp32
+    small singular directions blur as the products pile up (measured: up to 6e-5 off float64 on a
+    log-spaced spectrum, where nanochat's loop is 3e-6 off); one restart before the last two iterations
+    (X <- M X, A recomputed) brings it back to nanochat's level (tests/test_optim_reference.py). For 5
+    iterations that is 4 m^2 n + 14 m^3 multiply-adds against nanochat's 5 (2 m^2 n + m^3): 1.5x fewer
+    for the MLP's 4:1 matrices, more for square ones (hence GRAM_MIN_ASPECT). In bf16 even the restart
+    is not enough: bf16 uses the loop."""
     m = x.shape[-2]
     eye = jnp.eye(m, dtype=x.dtype)
-    restart = len(coeffs) - 2
+    restart = len(coeffs) - 2 if len(coeffs) >= 3 else None
     gram = mm(x, jnp.swapaxes(x, -1, -2))
     acc = None                                                # product of the Q's since the last restart
     for i, (a, b, c) in enumerate(coeffs):
