@@ -53,4 +53,3 @@ def test_off_unless_asked(monkeypatch, value):
     else:
         monkeypatch.setenv("FLAXCHAT_HOST_MALLOC", value)
     assert host_memory.keep_freed_memory() is False
-    monkeypatch.setattr(host_memory, "_applied", None)     # unset again (monkeypatch restores the original)
