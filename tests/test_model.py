@@ -203,6 +203,19 @@ def test_layers_are_scanned_jaxpr_does_not_grow_with_depth():
     assert counts[0] == counts[1], counts
 
 
+def test_rope_table_is_a_trace_time_constant(model):
+    """No cos/sin in the jaxpr of a training step: staged there, XLA:CPU re-evaluates them inside
+    every consumer fusion (per head and element). The table equals the staged computation up to an
+    ulp or two (op-by-op evaluation, as torch does it, rounds like XLA's fused kernel only mostly)."""
+    from flaxchat.model.attention import rope_cos_sin, rope_table
+    idx = tokens(0, (2, 16))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: gpt_forward(p, model.spec, idx, idx)))(model.param_tree()))
+    assert " cos " not in jaxpr and " sin " not in jaxpr
+    staged = jax.jit(lambda: rope_cos_sin(jnp.arange(16, dtype=jnp.int32), model.spec.head_dim))()
+    for a, b in zip(rope_table(16, model.spec.head_dim), staged):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=3e-7)
+
+
 def test_bf16_compute_keeps_fp32_masters_and_close_loss(model, fwd):
     mb = GPT(tiny_config(depth=2, n_kv_head=1, compute_dtype="bfloat16"), nnx.Rngs(0))
     assert mb.spec.dtype == jnp.bfloat16 and mb.wte[...].dtype == jnp.float32

@@ -49,7 +49,7 @@ from flax import nnx
 from flax.core import meta as flax_meta
 from flax.core import spmd as flax_spmd
 
-from flaxchat.model.attention import QK_SCALE, apply_rotary, causal_attention, resolve_attention_impl, rms_norm, rope_cos_sin
+from flaxchat.model.attention import QK_SCALE, apply_rotary, causal_attention, resolve_attention_impl, rms_norm, rope_table
 from flaxchat.config import ModelConfig
 from flaxchat.model.fused_head import head_loss, head_nll, chunk_len
 from flaxchat.model.linear import linear
@@ -400,7 +400,7 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
     x = embed_tokens(params, s, idx)
     prev = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
     x0 = x = smear(params, s, x, prev, (pos > 0)[None])
-    cos, sin = rope_cos_sin(pos, s.head_dim)                               # (T,1,D/2)
+    cos, sin = rope_table(T, s.head_dim)                                   # (T,1,D/2)
 
     def body(carry, layer):
         x, x_mid = carry
