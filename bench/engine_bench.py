@@ -53,6 +53,7 @@ from flax import nnx
 from flaxchat.config import ModelConfig
 from flaxchat.inference.engine import Engine
 from flaxchat.tokenizer_specials import SPECIAL_TOKENS
+from machine import cpu_description
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
@@ -116,7 +117,7 @@ def run(depths: list[int], batches: list[int], tokens: int, vocab: int, max_len:
     tok = StubTokenizer(vocab)
     kind = jax.devices()[0].device_kind
     hbm = next((bw for name, bw in HBM_BYTES_PER_S.items() if name in kind), None)
-    print(f"device: {kind}  dtype {dtype}  vocab {vocab}  max_len {max_len}  tokens/row {tokens}")
+    print(f"device: {kind} (cpu: {cpu_description()})  dtype {dtype}  vocab {vocab}  max_len {max_len}  tokens/row {tokens}")
     print(f"{'depth':>5} {'batch':>5} {'cache':>5} {'first call s':>12} {'tok/s':>10} {'steps/s':>8} {'compiles*':>9}"
           + (f" {'GB/s':>7} {'HBM util':>8}" if gpu else ""))
     for depth in depths:
@@ -235,7 +236,7 @@ def runcpu(args) -> None:
     cfg.derive()
     print(f"runcpu: depth {cfg.depth} n_embd {cfg.n_embd} heads {cfg.n_head}x{cfg.head_dim} vocab {cfg.vocab_size} "
           f"seq {cfg.sequence_len} fp32, prompt 32, new {args.tokens or 128}, T=1.0, {args.rounds} rounds x "
-          f"{args.repeats} calls", flush=True)
+          f"{args.repeats} calls; cpu: {cpu_description()}", flush=True)
     rows: dict[str, dict[int, list[float]]] = {}
     cache_len: dict[str, int] = {}
     for r in range(args.rounds):

@@ -44,6 +44,7 @@ from flaxchat.mesh import create_sharded, create_sharded_optimizer, make_mesh, m
 from flaxchat.model.gpt import GPT
 from flaxchat.optim import build_optimizer
 from flaxchat.train.loop import _global, make_train_step
+from machine import cpu_description
 
 REPO = Path(__file__).resolve().parents[1]
 NANOCHAT_BENCH = os.environ.get("NANOCHAT_BENCH", str(REPO.parent / "shared" / "nanochat_bench" / "train_step.py"))
@@ -152,7 +153,8 @@ def main() -> None:
         if not Path(nanochat_python).exists() or not Path(NANOCHAT_BENCH).exists():
             raise SystemExit(f"--nanochat needs {nanochat_python} and {NANOCHAT_BENCH}: build the venv with "
                              f"../shared/nanochat_bench/nanochat_env.sh or set NANOCHAT_VENV / NANOCHAT_BENCH")
-    print(f"backend={jax.default_backend()} devices={jax.device_count()} kind={jax.devices()[0].device_kind}")
+    print(f"backend={jax.default_backend()} devices={jax.device_count()} kind={jax.devices()[0].device_kind} "
+          f"cpu: {cpu_description()}")
     print(f"{'who':>8} {'rep':>3} {'B':>3} {'depth':>5} {'dim':>5} {'T':>5} {'tok/step':>9} {'compile s':>9} "
           f"{'step s':>8} {'tok/s':>10} {'MFU':>6} {'peak GiB':>8}", flush=True)
     runners = [] if nanochat_python else [Runner(**cfg) for cfg in configs]

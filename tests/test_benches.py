@@ -62,5 +62,6 @@ def test_engine_bench_runcpu_prints_the_ceiling_row():
     out = run_bench("engine_bench.py", "--runcpu", "--rounds", "1", "--repeats", "1", "--tokens", "8")
     table = {line[:22].strip(): line[22:].split() for line in out.splitlines() if line.startswith(("flaxchat ", "matmuls"))}
     assert set(table) == {"flaxchat", "matmuls only (ceiling)"}, out
+    assert "cores, " in out                                     # the CPU it ran on (bench/machine.py)
     assert table["flaxchat"][0] == "64" and table["matmuls only (ceiling)"][0] == "-"     # cache bucket 32+8 -> 64
     assert all(float(v) > 0 for row in table.values() for v in row[1:3])

@@ -4,10 +4,12 @@ The engine sizes each request's KV cache to prompt + max_tokens rounded up to a 
 3*2^(k-1), at least 64, at most max_len) instead of max_len: checked here are the sizes chosen, that
 the number of decode-loop compiles stays the number of buckets used, that greedy output (tool
 calls included, and speculative decoding whose k+1-token forwards overrun a full cache) is the same
-as with a max_len cache, and that the compiled loop reads the per-layer caches and weights in place
-(no per-step copy or transpose of a cache- or weight-shaped buffer: what cost ~1/3 of a step).
+as with a max_len cache, that the compiled loop reads the per-layer caches and weights in place
+(no per-step copy or transpose of a cache- or weight-shaped buffer: what cost ~1/3 of a step), and
+that preparing the weights once per call does not copy the tables.
 """
 
+import dataclasses
 import itertools
 import re
 
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxchat.inference.engine import MIN_CACHE_BUCKET, Engine, cache_bucket
+from flaxchat.inference.engine import MIN_CACHE_BUCKET, TABLES, Engine, cache_bucket, inference_params, params_preparer
 from tiny_models import TinyModel, tiny_tokenizer
 
 MAX_LEN = 256
@@ -112,3 +114,24 @@ def test_decode_loop_reads_caches_and_weights_in_place(tok, model):
              and (op in ("copy", "transpose", "slice", "dynamic-slice")
                   or (op == "fusion" and re.search(r"copy|transpose|slice", name)))]
     assert moved == [], moved
+
+
+def test_prepare_keeps_compute_dtype_tables_and_casts_the_rest(tok, model):
+    """Engine.prepare passes the embedding/head tables through untouched when they are already in
+    the compute dtype (a jit would copy them on every generate call) and otherwise equals
+    inference_params, casts included; it compiles once."""
+    engine = Engine(model, tok, max_len=MAX_LEN)
+    params = model.param_tree()
+    prepared = engine.prepare(params)
+    assert all(prepared[name] is params[name] for name in TABLES)
+    want = jax.jit(inference_params, static_argnums=1)(params, model.spec)
+    assert jax.tree.structure(prepared) == jax.tree.structure(want)
+    jax.tree.map(np.testing.assert_array_equal, prepared, want)
+    engine.prepare(params)
+    assert engine.compile_counts["params"] == 1
+    bf16 = dataclasses.replace(model.spec, compute_dtype="bfloat16")
+    cast = params_preparer(bf16)(params)
+    for name in TABLES:
+        assert cast[name].dtype == jnp.bfloat16 and cast[name] is not params[name]
+    assert cast["layers"][0]["p"]["mlp"]["c_fc"].dtype == jnp.bfloat16
+    assert cast["resid_lambdas"].dtype == jnp.float32
