@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flaxchat.model.attention import cached_attention, rope_cos_sin
+from flaxchat.model.attention import cached_attention, cached_attention_before_write, rope_cos_sin
 from flaxchat.model.gpt import (ModelSpec, block_out, block_qkv, embed_tokens, head_raw, layer_inputs, smear,
                                 softcap_logits, value_rows)
 
@@ -95,10 +95,14 @@ def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array) -> tup
     keys, values = list(cache.keys), list(cache.values)
     for i, layer in enumerate(layers):            # unrolled at trace time (why: module docstring)
         x, q, k, v = block_qkv(s, layer, x, x0, value_rows(params, layer, idx), cos, sin)
+        if B * T == 1:    # attend before the write, which then has one consumer (why: the function's docstring)
+            y = cached_attention_before_write(q, keys[i].astype(q.dtype), values[i].astype(q.dtype), k, v,
+                                              positions, s.windows[i])
         # [rows, :, positions] puts the (B,T) index dims first: the update is k's own (B,T,Hkv,D)
         keys[i] = keys[i].at[rows, :, positions].set(k.astype(keys[i].dtype), mode="drop")
         values[i] = values[i].at[rows, :, positions].set(v.astype(values[i].dtype), mode="drop")
-        y = cached_attention(q, keys[i].astype(q.dtype), values[i].astype(q.dtype), positions, s.windows[i])
+        if B * T > 1:
+            y = cached_attention(q, keys[i].astype(q.dtype), values[i].astype(q.dtype), positions, s.windows[i])
         x = block_out(s, layer, x, y)
         if i == s.backout_layer:
             x_mid = x
