@@ -121,9 +121,11 @@ def test_model_methods_match_pure_decode():
     cfg.derive()
     model = GPT(cfg, nnx.Rngs(0))
     cache = model.init_cache(2, 16)
-    # one head-major (B, Hkv, S, D) buffer per layer; .k stacks them token-major (the export layout)
-    assert [k.shape for k in cache.keys] == [(2, 2, 16, 32)] * 2 == [v.shape for v in cache.values]
-    assert cache.k.shape == (2, 2, 16, 2, 32) and cache.prev_embed.shape == (2, 64) and cache.max_len == 16
+    # one head-major buffer per layer, keys (B, Hkv, S, D) and values (B, Hkv, D, S);
+    # .k and .v stack them token-major (the export layout)
+    assert [k.shape for k in cache.keys] == [(2, 2, 16, 32)] * 2
+    assert [v.shape for v in cache.values] == [(2, 2, 32, 16)] * 2
+    assert cache.k.shape == cache.v.shape == (2, 2, 16, 2, 32) and cache.prev_embed.shape == (2, 64) and cache.max_len == 16
     idx = tokens(3, (2, 5))
     logits, cache = model.decode(idx, cache)
     np.testing.assert_allclose(logits, model(idx), rtol=1e-5, atol=1e-6)

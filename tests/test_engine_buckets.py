@@ -102,12 +102,13 @@ def test_decode_loop_reads_caches_and_weights_in_place(tok, model):
     hlo, S = _loop_body_hlo(engine, prompts, 100)
     s = model.spec
     B = 4                                                              # 3 prompts -> batch bucket 4
-    cache = f"f32[{B},{s.n_kv_head},{S},{s.head_dim}]"
+    keys, values = f"f32[{B},{s.n_kv_head},{S},{s.head_dim}]", f"f32[{B},{s.n_kv_head},{s.head_dim},{S}]"
     # a layer's K or V in any order (a transposed copy has the permuted shape)
     cache_like = {"f32[" + ",".join(map(str, p)) + "]" for p in itertools.permutations((B, s.n_kv_head, S, s.head_dim))}
     weights = {f"f32[{s.n_embd},{s.n_embd}]", f"f32[{s.n_embd},{4 * s.n_embd}]", f"f32[{4 * s.n_embd},{s.n_embd}]"}
     produced = re.findall(r"^\s*(?:ROOT )?%(\S+) = (f32\[[\d,]+\])\S* (\w[\w-]*)\(", hlo, flags=re.M)
-    assert any(shape == cache and "scatter" in name for name, shape, _ in produced)     # the in-place write
+    for cache in (keys, values):                                        # the in-place writes, values (B,Hkv,D,S)
+        assert any(shape == cache and "scatter" in name for name, shape, _ in produced), cache
     # a copy is an op of its own or a fusion XLA names after what it fuses (transpose_copy_fusion,
     # dynamic-slice_bitcast_fusion: the per-step copies the old stacked layout made)
     moved = [(name, shape) for name, shape, op in produced if (shape in cache_like or shape in weights)

@@ -118,9 +118,10 @@ def _decode_step(params: dict, s: ModelSpec, idx: jax.Array, k_cache: jax.Array,
         x, q, k, v = block_qkv(s, layer, x, x0, value_rows(params, layer, idx), cos, sin)
         k_l = jnp.where(fresh, jnp.take_along_axis(k, src, axis=1), k_l)
         v_l = jnp.where(fresh, jnp.take_along_axis(v, src, axis=1), v_l)
-        # cached_attention reads head-major (B,Hkv,S,D) caches (kv_cache's layout); this graph keeps
-        # the token-major (B,S,Hkv,D) slice of its (L,B,S,Hkv,D) inputs
-        y = cached_attention(q, jnp.swapaxes(k_l, 1, 2), jnp.swapaxes(v_l, 1, 2), positions, layer["window"])
+        # cached_attention reads kv_cache's layouts (keys (B,Hkv,S,D), values (B,Hkv,D,S)); this graph
+        # keeps the token-major (B,S,Hkv,D) slice of its (L,B,S,Hkv,D) inputs
+        y = cached_attention(q, jnp.swapaxes(k_l, 1, 2), jnp.transpose(v_l, (0, 2, 3, 1)), positions,
+                             layer["window"])
         x = block_out(s, layer, x, y)
         x_mid = jnp.where(layer["layer_id"] == s.backout_layer, x, x_mid)
         return (x, x_mid), (k_l, v_l)

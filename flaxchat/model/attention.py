@@ -172,18 +172,20 @@ def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int) -> 
     return jnp.swapaxes(out, 1, 2)
 
 
-def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos: jax.Array,
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache_t: jax.Array, q_pos: jax.Array,
                      window: jax.Array | int) -> jax.Array:
-    """Decode/prefill attention against one layer's KV cache. q (B,T,H,D); caches (B,Hkv,S,D),
-    head-major as flaxchat.model.kv_cache stores them, already holding this chunk's keys; q_pos (B,T)
-    absolute positions. Slots after q_pos (unwritten or stale) are excluded by causality, so no
-    separate length mask is needed. -> (B,T,H,D).
+    """Decode/prefill attention against one layer's KV cache, in flaxchat.model.kv_cache's layouts:
+    q (B,T,H,D); keys (B,Hkv,S,D); values transposed, (B,Hkv,D,S); both already holding this chunk's
+    entries; q_pos (B,T) absolute positions. Slots after q_pos (unwritten or stale) are excluded by
+    causality, so no separate length mask is needed. -> (B,T,H,D).
 
     Written out rather than `jax.nn.dot_product_attention` (which wants token-major (B,S,Hkv,D)
-    keys): both dots here contract a cache in the order it is stored, so XLA reads it in place
-    instead of transposing it every step. The math is that function's "xla" path: fp32 scores
-    scaled by 1/sqrt(D), a large finite negative where masked, fp32 softmax cast to the value dtype.
-    GQA groups the H query heads by kv head instead of repeating the cache."""
+    keys and values): both dots here contract a cache over its minor axis (D for the scores, the
+    slots S for the values), the order XLA:CPU's matrix-vector products read in place; with values
+    stored (B,Hkv,S,D) it copied each layer's value cache into (D,S) order every decode step. The
+    math is that function's "xla" path: fp32 scores scaled by 1/sqrt(D), a large finite negative
+    where masked, fp32 softmax cast to the value dtype. GQA groups the H query heads by kv head
+    instead of repeating the cache."""
     B, T, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(B, T, Hkv, H // Hkv, D)
@@ -191,12 +193,12 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
     scores = scores * jnp.float32(1.0 / np.sqrt(D))
     mask = window_mask(q_pos, jnp.arange(S, dtype=jnp.int32), window)[:, None, None]   # (B,1,1,T,S)
     scores = jnp.where(mask, scores, jnp.float32(-0.7 * np.finfo(np.float32).max))
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache_t.dtype)
+    out = jnp.einsum("bkgts,bkds->btkgd", probs, v_cache_t)
     return out.reshape(B, T, H, D)
 
 
-def cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_new: jax.Array,
+def cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_cache_t: jax.Array, k_new: jax.Array,
                                   v_new: jax.Array, q_pos: jax.Array, window: jax.Array | int) -> jax.Array:
     """`cached_attention` for one new token per row, computed from the cache as it was BEFORE the
     token's own k/v were written, plus those k/v (B,1,Hkv,D) as one extra key. Same math: cache
@@ -206,7 +208,7 @@ def cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_cache: jax
     Why it exists: with the write first, XLA:CPU fused the cache write into both of its consumers
     (this dot's operand and the decode loop's output) and gave each its own copy of the cache, plus a
     transposed one for the value dot, every step. Reading the old cache leaves the write with one
-    consumer, done in place (XLA still transposes the value cache for the dot). The kv_cache uses it at
+    consumer, done in place. The kv_cache uses it at
     batch 1: +5% decode tok/s on the runcpu model (3 interleaved pairs); with 8 rows XLA made no such
     copies and this form was ~18% slower."""
     B, T, H, D = q.shape
@@ -221,7 +223,7 @@ def cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_cache: jax
     top = jnp.maximum(old.max(-1, keepdims=True), new)                                     # (B,k,g,T,1)
     p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
     total = p_old.sum(-1, keepdims=True) + p_new
-    p_old, p_new = (p_old / total).astype(v_cache.dtype), (p_new / total).astype(v_cache.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", p_old, v_cache)
+    p_old, p_new = (p_old / total).astype(v_cache_t.dtype), (p_new / total).astype(v_cache_t.dtype)
+    out = jnp.einsum("bkgts,bkds->btkgd", p_old, v_cache_t)
     out = out + jnp.moveaxis(p_new, 3, 1) * v_new.reshape(B, T, Hkv, 1, D)                  # (B,T,k,g,D)
     return out.reshape(B, T, H, D)

@@ -2,7 +2,8 @@
 
 The cache is a pytree of fixed-shape arrays, so one jitted `decode` serves every step (its shapes
 only change with the chunk length T; decode uses T=1):
-  keys, values  L arrays (B, Hkv, S, D), one per layer, compute dtype; keys are stored after RoPE + QK-norm
+  keys          L arrays (B, Hkv, S, D), one per layer, compute dtype, stored after RoPE + QK-norm
+  values        L arrays (B, Hkv, D, S), one per layer, compute dtype: transposed, slots on the minor axis
   pos           (B,) int32              tokens already in the cache, per row (rows may differ)
   prev_embed    (B, C)                  last written token's normed, pre-smear embedding (for smear)
 
@@ -20,8 +21,9 @@ shapes): the layers are unrolled (a Python loop, traced once) over per-layer wei
 cache buffers. A layer `lax.scan` over one stacked (L, B, S, Hkv, D) cache and stacked weights made
 every step copy each layer's weights (a dynamic slice of the stack; ~40% of the weight bytes again
 per token) and each layer's K/V into the (B, Hkv, ., .) order the attention dot wants. Here each
-layer's K/V is its own buffer already in head-major (B, Hkv, S, D) order: the new token is scattered
-into it in place (jit with `donate_argnums`, see `jit_decode`) and the attention dots read it as is.
+layer's K/V is its own buffer already in the order its attention dot contracts (values with the slot
+axis last: stored (B, Hkv, S, D), XLA transposed each layer's values every step): the new token is
+scattered into it in place (jit with `donate_argnums`, see `jit_decode`) and the dots read it as is.
 `prepare_params` splits the stacked block weights once, outside a decode loop; `decode` also takes
 plain params (it then slices the stack itself: fine for one call, a copy per step inside a loop).
 """
@@ -40,7 +42,7 @@ from flaxchat.model.gpt import (ModelSpec, block_out, block_qkv, embed_tokens, h
 
 class KVCache(NamedTuple):
     keys: tuple[jax.Array, ...]      # per layer (B, Hkv, S, D)
-    values: tuple[jax.Array, ...]    # per layer (B, Hkv, S, D)
+    values: tuple[jax.Array, ...]    # per layer (B, Hkv, D, S)
     pos: jax.Array
     prev_embed: jax.Array
 
@@ -57,15 +59,16 @@ class KVCache(NamedTuple):
     @property
     def v(self) -> jax.Array:
         """All values stacked token-major, (L, B, S, Hkv, D) (a copy, like `k`)."""
-        return jnp.stack([jnp.swapaxes(v, 1, 2) for v in self.values])
+        return jnp.stack([jnp.transpose(v, (0, 3, 1, 2)) for v in self.values])
 
 
 def init_cache(spec: ModelSpec, batch_size: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens."""
     dtype = dtype or spec.dtype
-    shape = (batch_size, spec.n_kv_head, max_len, spec.head_dim)
-    return KVCache(keys=tuple(jnp.zeros(shape, dtype) for _ in range(spec.n_layer)),
-                   values=tuple(jnp.zeros(shape, dtype) for _ in range(spec.n_layer)),
+    k_shape = (batch_size, spec.n_kv_head, max_len, spec.head_dim)
+    v_shape = (batch_size, spec.n_kv_head, spec.head_dim, max_len)
+    return KVCache(keys=tuple(jnp.zeros(k_shape, dtype) for _ in range(spec.n_layer)),
+                   values=tuple(jnp.zeros(v_shape, dtype) for _ in range(spec.n_layer)),
                    pos=jnp.zeros((batch_size,), jnp.int32),
                    prev_embed=jnp.zeros((batch_size, spec.n_embd), spec.dtype))
 
@@ -98,9 +101,10 @@ def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array) -> tup
         if B * T == 1:    # attend before the write, which then has one consumer (why: the function's docstring)
             y = cached_attention_before_write(q, keys[i].astype(q.dtype), values[i].astype(q.dtype), k, v,
                                               positions, s.windows[i])
-        # [rows, :, positions] puts the (B,T) index dims first: the update is k's own (B,T,Hkv,D)
+        # [rows, :, positions] and [rows, :, :, positions] put the (B,T) index dims first: each update
+        # is k's / v's own (B,T,Hkv,D)
         keys[i] = keys[i].at[rows, :, positions].set(k.astype(keys[i].dtype), mode="drop")
-        values[i] = values[i].at[rows, :, positions].set(v.astype(values[i].dtype), mode="drop")
+        values[i] = values[i].at[rows, :, :, positions].set(v.astype(values[i].dtype), mode="drop")
         if B * T > 1:
             y = cached_attention(q, keys[i].astype(q.dtype), values[i].astype(q.dtype), positions, s.windows[i])
         x = block_out(s, layer, x, y)
