@@ -206,11 +206,11 @@ def cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_cache_t: j
     always visible. -> (B,1,H,D).
 
     Why it exists: with the write first, XLA:CPU fused the cache write into both of its consumers
-    (this dot's operand and the decode loop's output) and gave each its own copy of the cache, plus a
-    transposed one for the value dot, every step. Reading the old cache leaves the write with one
-    consumer, done in place. The kv_cache uses it at
-    batch 1: +5% decode tok/s on the runcpu model (3 interleaved pairs); with 8 rows XLA made no such
-    copies and this form was ~18% slower."""
+    (this dot's operand and the decode loop's output) and gave each its own copy of the cache every
+    step; attending first leaves the write one consumer and halves those copies (24 instead of 48
+    cache-sized copies in the runcpu decode loop). The kv_cache uses it at batch 1: +5-7% decode
+    tok/s on the runcpu model (interleaved pairs); with 8 rows XLA made no such copies and this form
+    was ~18% slower. The value sum is accumulated in fp32 and rounded once, like the dot's."""
     B, T, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     scale = jnp.float32(1.0 / np.sqrt(D))
@@ -224,6 +224,6 @@ def cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_cache_t: j
     p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
     total = p_old.sum(-1, keepdims=True) + p_new
     p_old, p_new = (p_old / total).astype(v_cache_t.dtype), (p_new / total).astype(v_cache_t.dtype)
-    out = jnp.einsum("bkgts,bkds->btkgd", p_old, v_cache_t)
-    out = out + jnp.moveaxis(p_new, 3, 1) * v_new.reshape(B, T, Hkv, 1, D)                  # (B,T,k,g,D)
-    return out.reshape(B, T, H, D)
+    out = jnp.einsum("bkgts,bkds->btkgd", p_old, v_cache_t, preferred_element_type=jnp.float32)
+    out = out + jnp.moveaxis(p_new, 3, 1).astype(jnp.float32) * v_new.astype(jnp.float32).reshape(B, T, Hkv, 1, D)
+    return out.astype(v_cache_t.dtype).reshape(B, T, H, D)                                  # (B,T,k,g,D) -> (B,T,H,D)
