@@ -1,4 +1,5 @@
-"""The cached decode path (flaxchat.model.kv_cache) equals the full forward pass.
+"""The cached decode path (flaxchat.model.kv_cache) equals the full forward pass (and its batch-1
+attention, which reads the cache before the write, equals attention after it).
 
 Every feature that touches the cache is live: random non-zero output projections, smear lambda and
 gate, backout, value embeddings, GQA (4 query heads over 2 kv heads), and each window pattern, with
@@ -14,6 +15,7 @@ import pytest
 from flax import nnx
 
 from flaxchat.config import ModelConfig
+from flaxchat.model.attention import cached_attention, cached_attention_before_write
 from flaxchat.model.kv_cache import KVCache, init_cache, jit_decode, prepare_params
 from flaxchat.model.gpt import GPT, gpt_forward
 
@@ -129,3 +131,27 @@ def test_model_methods_match_pure_decode():
     idx = tokens(3, (2, 5))
     logits, cache = model.decode(idx, cache)
     np.testing.assert_allclose(logits, model(idx), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("window", [4, 64])
+def test_attention_before_the_write_equals_attention_after_it(dtype, window):
+    """cached_attention_before_write (batch-1 decode) reads the cache before the token's k/v are
+    written, with a stale entry in the token's own slot; it must equal cached_attention on the
+    written cache. Rows at different positions, GQA (4 query heads over 2 kv heads)."""
+    rng = np.random.default_rng(7)
+    B, H, Hkv, D, S = 2, 4, 2, 32, 24
+    pos = jnp.asarray([9, 17], jnp.int32)
+    arr = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
+    q, k_new, v_new = arr(B, 1, H, D), arr(B, 1, Hkv, D), arr(B, 1, Hkv, D)
+    keys, values_t = arr(B, Hkv, S, D), arr(B, Hkv, D, S)
+    rows = jnp.arange(B)
+    keys = keys.at[rows, :, pos].set(100.0)                  # stale slots: would dominate if attended
+    values_t = values_t.at[rows, :, :, pos].set(100.0)
+    before = cached_attention_before_write(q, keys, values_t, k_new, v_new, pos[:, None], window)
+    written_k = keys.at[rows, :, pos].set(k_new[:, 0])
+    written_v = values_t.at[rows, :, :, pos].set(v_new[:, 0])
+    after = cached_attention(q, written_k, written_v, pos[:, None], window)
+    assert before.dtype == after.dtype == dtype and before.shape == (B, 1, H, D)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(before, np.float32), np.asarray(after, np.float32), rtol=tol, atol=tol)
