@@ -151,6 +151,16 @@ def params_preparer(spec: ModelSpec, on_compile=lambda: None):
     return prepare
 
 
+def loop_compiler_options(backend: str | None = None) -> dict[str, bool]:
+    """XLA options for the compiled token loops. On CPU: copy insertion with region analysis.
+    Without it, XLA:CPU copied every layer's loop-carried K and V cache on every step of a
+    batch-1 decode (it could not prove that the step's attention reads of a cache come before the
+    cache's in-place update, and copied instead of ordering them; batch 2 and up got no copies).
+    With it: no cache copies, +3% tok/s at batch 1 on the runcpu model (median of 7 interleaved
+    pairs; 8 rows and the train step unchanged). Other backends: none."""
+    return {"xla_cpu_copy_insertion_use_region_analysis": True} if (backend or jax.default_backend()) == "cpu" else {}
+
+
 def row_keys(seed: jax.Array, n_rows: int) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(seed), r))(jnp.arange(n_rows))
 
@@ -250,8 +260,8 @@ class Engine:
         self._prefill = jax.jit(_prefill, static_argnums=(5,))
         # param tree -> inference_params (the layer split and any casts; tables in the compute dtype as they are)
         self.prepare = params_preparer(spec, lambda: self.compile_counts.update(["params"]))
-        self._segment = jax.jit(_segment, donate_argnums=(1,))
-        self._step = jax.jit(_step, donate_argnums=(1,))
+        self._segment = jax.jit(_segment, donate_argnums=(1,), compiler_options=loop_compiler_options())
+        self._step = jax.jit(_step, donate_argnums=(1,), compiler_options=loop_compiler_options())
         self._inject = jax.jit(_inject, donate_argnums=(0,))
         self._speculative = None
         if draft is not None:

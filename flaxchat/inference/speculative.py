@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxchat.inference.engine import params_preparer, prefill, row_keys, stream_window
+from flaxchat.inference.engine import loop_compiler_options, params_preparer, prefill, row_keys, stream_window
 from flaxchat.model.kv_cache import KVCache, decode
 from flaxchat.model.gpt import ModelSpec, embed_tokens
 from flaxchat.inference.sampling import draw, sample_tokens, token_probs
@@ -219,8 +219,8 @@ class SpeculativeDecoder:
 
         self._prefill = jax.jit(_prefill, static_argnums=(6,))
         self._prepare_draft = params_preparer(dspec)
-        self.segment = jax.jit(_segment, donate_argnums=(1,))
-        self.step = jax.jit(_step, donate_argnums=(1,))     # one iteration, for Engine.stream
+        self.segment = jax.jit(_segment, donate_argnums=(1,), compiler_options=loop_compiler_options())
+        self.step = jax.jit(_step, donate_argnums=(1,), compiler_options=loop_compiler_options())   # for Engine.stream
         self.last_target_forwards = 0     # loop iterations of the last generate (one target forward each)
 
     def params(self) -> tuple[dict, dict]:
