@@ -172,6 +172,23 @@ def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int) -> 
     return jnp.swapaxes(out, 1, 2)
 
 
+def _cache_scores(q: jax.Array, k_cache: jax.Array, q_pos: jax.Array, window: jax.Array | int,
+                  include_own_slot: bool) -> jax.Array:
+    """Masked fp32 scores (B,Hkv,G,T,S) of q (B,T,H,D) against a (B,Hkv,S,D) key cache, scaled by
+    1/sqrt(D), a large finite negative where masked: causal and window by absolute position, and
+    without each query's own slot unless include_own_slot (the cache before that slot's write)."""
+    B, T, H, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, T, Hkv, H // Hkv, D)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(1.0 / np.sqrt(D))
+    slots = jnp.arange(S, dtype=jnp.int32)
+    mask = window_mask(q_pos, slots, window)
+    if not include_own_slot:
+        mask = mask & (slots < q_pos[..., None])
+    return jnp.where(mask[:, None, None], scores, jnp.float32(-0.7 * np.finfo(np.float32).max))   # mask (B,1,1,T,S)
+
+
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache_t: jax.Array, q_pos: jax.Array,
                      window: jax.Array | int) -> jax.Array:
     """Decode/prefill attention against one layer's KV cache, in flaxchat.model.kv_cache's layouts:
@@ -187,12 +204,7 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache_t: jax.Array, q_p
     where masked, fp32 softmax cast to the value dtype. GQA groups the H query heads by kv head
     instead of repeating the cache."""
     B, T, H, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(B, T, Hkv, H // Hkv, D)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(1.0 / np.sqrt(D))
-    mask = window_mask(q_pos, jnp.arange(S, dtype=jnp.int32), window)[:, None, None]   # (B,1,1,T,S)
-    scores = jnp.where(mask, scores, jnp.float32(-0.7 * np.finfo(np.float32).max))
+    scores = _cache_scores(q, k_cache, q_pos, window, include_own_slot=True)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache_t.dtype)
     out = jnp.einsum("bkgts,bkds->btkgd", probs, v_cache_t)
     return out.reshape(B, T, H, D)
@@ -212,13 +224,10 @@ def cached_attention_before_write(q: jax.Array, k_cache: jax.Array, v_cache_t: j
     tok/s on the runcpu model (interleaved pairs); with 8 rows XLA made no such copies and this form
     was ~18% slower. The value sum is accumulated in fp32 and rounded once, like the dot's."""
     B, T, H, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[1]
     scale = jnp.float32(1.0 / np.sqrt(D))
     qg = q.reshape(B, T, Hkv, H // Hkv, D)
-    old = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
-    slots = jnp.arange(S, dtype=jnp.int32)
-    mask = (window_mask(q_pos, slots, window) & (slots < q_pos[..., None]))[:, None, None]   # (B,1,1,T,S)
-    old = jnp.where(mask, old, jnp.float32(-0.7 * np.finfo(np.float32).max))
+    old = _cache_scores(q, k_cache, q_pos, window, include_own_slot=False)
     new = jnp.einsum("btkgd,btkd->bkgt", qg.astype(jnp.float32), k_new.astype(jnp.float32))[..., None] * scale
     top = jnp.maximum(old.max(-1, keepdims=True), new)                                     # (B,k,g,T,1)
     p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
