@@ -17,6 +17,7 @@ from flax import nnx
 from flaxchat.config import ModelConfig
 from flaxchat.model.attention import cached_attention, cached_attention_before_write
 from flaxchat.model.kv_cache import KVCache, init_cache, jit_decode, prepare_params
+from flaxchat.model.kv_cache import decode as kv_decode
 from flaxchat.model.gpt import GPT, gpt_forward
 
 
@@ -115,6 +116,32 @@ def test_rows_at_different_positions():
     want = jnp.stack([full[0, 16], full[1, 12]])
     np.testing.assert_allclose(logits[:, 0], want, rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
     assert np.array_equal(cache.pos, [17, 13])
+
+
+def test_logits_at_keeps_one_position_per_row():
+    """decode(..., logits_at) runs the head on one position per row: those rows of the full logits,
+    and the same cache; the engine's prefill takes each prompt's last token through it and hands the
+    rows out by row_src."""
+    from flaxchat.inference.engine import prefill
+    spec, p = make("SL", depth=2, seq_len=64, seed=7, n_kv_head=1)
+    decode = jit_decode(spec)
+    idx = tokens(11, (2, 9))
+    full_logits, full_cache = decode(p, init_cache(spec, 2, 16), idx)
+    at = jnp.asarray([8, 3], jnp.int32)
+    logits, cache = jax.jit(lambda p, c, i, a: kv_decode(p, spec, c, i, logits_at=a))(p, init_cache(spec, 2, 16), idx, at)
+    assert logits.shape == (2, VOCAB)
+    want = full_logits[jnp.arange(2), at]
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(full_cache)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+    lens = jnp.asarray([9, 4], jnp.int32)                   # row 1's prompt is padded after 4 tokens
+    row_src = jnp.asarray([1, 0, 1], jnp.int32)
+    cache, logits = jax.jit(prefill, static_argnums=(1, 2))(p, spec, 16, idx, lens, row_src)
+    forward = jax.jit(gpt_forward, static_argnums=1)
+    want = jnp.stack([forward(p, spec, idx[1:, :4])[0, 3], forward(p, spec, idx[:1])[0, 8]])[jnp.asarray([0, 1, 0])]
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    assert np.array_equal(cache.pos, [4, 9, 4])
 
 
 def test_model_methods_match_pure_decode():

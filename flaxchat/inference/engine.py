@@ -111,13 +111,12 @@ def prefill(params: dict, spec: ModelSpec, cache_len: int, idx: jax.Array, lens:
     cache_len slots, next-token logits (B,V)); row b is prompt row_src[b]. Rows with lens 0 are
     allowed (their logits are meaningless)."""
     P = idx.shape[0]
-    logits, cache = decode(params, spec, init_cache(spec, P, cache_len), idx)
     last = jnp.maximum(lens - 1, 0)
-    rows = jnp.arange(P)
-    prev = embed_tokens(params, spec, idx[rows, last][:, None])[:, 0]
+    logits, cache = decode(params, spec, init_cache(spec, P, cache_len), idx, logits_at=last)    # (P,V)
+    prev = embed_tokens(params, spec, idx[jnp.arange(P), last][:, None])[:, 0]
     cache = KVCache(keys=tuple(k[row_src] for k in cache.keys), values=tuple(v[row_src] for v in cache.values),
                     pos=lens[row_src].astype(jnp.int32), prev_embed=prev[row_src].astype(cache.prev_embed.dtype))
-    return cache, logits[rows, last][row_src]
+    return cache, logits[row_src]
 
 
 def inference_params(params: dict, spec: ModelSpec) -> dict:

@@ -81,9 +81,12 @@ def prepare_params(params: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
     return {**{k: v for k, v in params.items() if k != "blocks"}, "layers": layers}
 
 
-def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array) -> tuple[jax.Array, KVCache]:
+def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array,
+           logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Run idx (B,T) through the model after what the cache holds. -> (logits (B,T,vocab) fp32, cache).
-    params: the model's param tree, or `prepare_params` of it."""
+    params: the model's param tree, or `prepare_params` of it. logits_at (B,) int32: only position
+    logits_at[b] of row b gets logits, -> (B,vocab): a prefill needs just each prompt's last token's,
+    and the head over all B*T positions was its largest matmul and a (B,T,vocab) fp32 buffer."""
     s = spec
     B, T = idx.shape
     layers = params["layers"] if "layers" in params else prepare_params(params, s)["layers"]
@@ -110,7 +113,11 @@ def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array) -> tup
         x = block_out(s, layer, x, y)
         if i == s.backout_layer:
             x_mid = x
+    if logits_at is not None:
+        x, x_mid = x[rows[:, 0], logits_at][:, None], x_mid[rows[:, 0], logits_at][:, None]      # (B,1,C)
     logits = softcap_logits(head_raw(params, s, x, x_mid), s)
+    if logits_at is not None:
+        logits = logits[:, 0]
     return logits, KVCache(keys=tuple(keys), values=tuple(values), pos=cache.pos + T, prev_embed=x_emb[:, -1])
 
 
