@@ -6,7 +6,8 @@ the number of decode-loop compiles stays the number of buckets used, that greedy
 calls included, and speculative decoding whose k+1-token forwards overrun a full cache) is the same
 as with a max_len cache, that the compiled loop reads the per-layer caches and weights in place
 (no per-step copy or transpose of a cache- or weight-shaped buffer: what cost ~1/3 of a step), and
-that preparing the weights once per call does not copy the tables.
+that preparing the weights once per call does not copy the tables, and that the loop computes no
+RoPE angles.
 """
 
 import dataclasses
@@ -118,6 +119,14 @@ def test_decode_loop_reads_caches_and_weights_in_place(tok, model, n_prompts, B)
              and (op in ("copy", "transpose", "slice", "dynamic-slice")
                   or (op == "fusion" and re.search(r"copy|transpose|(?<!update-)slice", name)))]
     assert moved == [], moved
+
+
+def test_decode_loop_reads_rope_angles_from_a_table(tok, model):
+    """kv_cache.decode gathers each position's cos/sin from a constant table: computed from the
+    positions inside the loop, XLA:CPU fused them into every q/k rotation and evaluated them per head
+    and element, every step."""
+    hlo, _ = _loop_body_hlo(Engine(model, tok, max_len=MAX_LEN), prompts_of(tok)[:3], 100)
+    assert re.search(r"\b(sine|cosine)\(", hlo) is None
 
 
 def test_prepare_keeps_compute_dtype_tables_and_casts_the_rest(tok, model):

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flaxchat.model.attention import cached_attention, cached_attention_before_write, rope_cos_sin
+from flaxchat.model.attention import cached_attention, cached_attention_before_write, rope_table
 from flaxchat.model.gpt import (ModelSpec, block_out, block_qkv, embed_tokens, head_raw, layer_inputs, smear,
                                 softcap_logits, value_rows)
 
@@ -94,7 +94,12 @@ def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array,
     x_emb = embed_tokens(params, s, idx)
     prev = jnp.concatenate([cache.prev_embed[:, None].astype(x_emb.dtype), x_emb[:, :-1]], axis=1)
     x0 = smear(params, s, x_emb, prev, positions > 0)
-    cos, sin = rope_cos_sin(positions, s.head_dim)                             # (B,T,1,D/2)
+    # rows of a table of every slot's angles, a constant: computed from the positions in the step,
+    # XLA:CPU fused cos/sin into each q/k rotation and evaluated them again per head and element
+    # (24 fusions of ~10 us per step with 8 rows); +2% tok/s at batch 1, +3.5% with 8 rows.
+    # Positions past the cache (a speculative overrun) clamp; their logits are unused anyway.
+    cos_t, sin_t = rope_table(cache.max_len, s.head_dim)                       # (S,1,D/2)
+    cos, sin = cos_t[positions], sin_t[positions]                              # (B,T,1,D/2)
     rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
 
     x, x_mid = x0, jnp.zeros_like(x0)
