@@ -92,6 +92,19 @@ def test_padded_vocab_columns_never_reach_logits_or_loss(model, fwd):
     np.testing.assert_array_equal(fwd(p, model.spec, idx, idx, "mean"), base_loss)
 
 
+def test_logits_at_gives_one_position_per_row(model, fwd):
+    """gpt_forward(..., logits_at) runs the head on one position per row (the categorical eval's
+    letters): those rows of the full logits."""
+    p = random_params(model)
+    idx = tokens(4, (3, 16))
+    full = fwd(p, model.spec, idx, None, "mean")
+    at = jnp.asarray([15, 0, 7], jnp.int32)
+    got = fwd(p, model.spec, idx, None, "mean", at)
+    assert got.shape == (3, VOCAB)
+    want = full[jnp.arange(3), at]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
 def test_loss_ignore_index_and_reductions(model, fwd):
     p = random_params(model)
     idx = tokens(2, (2, 16))

@@ -97,8 +97,7 @@ def _choose(last_logits: jax.Array, letter_ids: jax.Array, letter_mask: jax.Arra
 def _gpt_choose(params, idx, last, letter_ids, letter_mask, *, spec):
     from flaxchat.model.gpt import gpt_forward
     compile_counts["categorical"] += 1
-    logits = gpt_forward(params, spec, idx)                       # (R,L,V) fp32
-    last_logits = logits[jnp.arange(idx.shape[0]), last]          # each row at its own last position
+    last_logits = gpt_forward(params, spec, idx, logits_at=last)  # (R,V) fp32, each row at its own last position
     return _choose(last_logits, letter_ids, letter_mask)
 
 

@@ -395,8 +395,10 @@ def head_loss_of(params: dict, s: ModelSpec, h: jax.Array, targets: jax.Array, r
 
 
 def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array | None = None,
-                loss_reduction: str = "mean") -> jax.Array:
-    """Full-sequence forward. idx (B,T) int32 -> logits (B,T,vocab) fp32, or the loss if targets given."""
+                loss_reduction: str = "mean", logits_at: jax.Array | None = None) -> jax.Array:
+    """Full-sequence forward. idx (B,T) int32 -> logits (B,T,vocab) fp32, or the loss if targets given.
+    logits_at (B,) int32: only position logits_at[b] of row b gets logits, -> (B,vocab) (what a
+    letter-choice eval reads; the head then runs on B rows instead of B*T)."""
     B, T = idx.shape
     pos = jnp.arange(T, dtype=jnp.int32)
     x = embed_tokens(params, s, idx)
@@ -424,5 +426,8 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
                                  unroll=unroll)
     if targets is not None:
         return head_loss_of(params, s, head_hidden(params, s, x, x_mid), targets, loss_reduction)
+    if logits_at is not None:
+        rows = jnp.arange(B)
+        return softcap_logits(head_raw(params, s, x[rows, logits_at][:, None], x_mid[rows, logits_at][:, None]), s)[:, 0]
     raw = with_logical_constraint(head_raw(params, s, x, x_mid), ("batch", "seq", "vocab"))
     return softcap_logits(raw, s)
