@@ -3,7 +3,8 @@
 Two ways to score a task, chosen by its `eval_type`:
 
 * categorical (MMLU, ARC, DemoChoice): no sampling. Each prompt (the conversation rendered up to
-  <|assistant_start|>) goes through one forward pass; the logits at the prompt's last position are
+  <|assistant_start|>) goes through one forward pass, whose head runs on the prompt's last position
+  only (`gpt_forward(..., logits_at=)`: no (rows, L, vocab) logits buffer); those logits are
   restricted to the token ids of the example's answer letters (`conversation["letters"]`, each must
   be one token), and the argmax letter is graded by `task.evaluate(conv, letter)`. As in nanochat
   this is easier than generating: only the offered letters compete, whatever else the model
