@@ -368,6 +368,14 @@ def softcap_logits(raw: jax.Array, s: ModelSpec) -> jax.Array:
     return s.softcap * jnp.tanh(raw[..., :s.vocab_size].astype(jnp.float32) / s.softcap)
 
 
+def logits_at_positions(params: dict, s: ModelSpec, x: jax.Array, x_mid: jax.Array, at: jax.Array) -> jax.Array:
+    """The softcapped logits (B,vocab) of position at[b] of each row b of the final residual x (B,T,C)
+    (x_mid: the backout capture): the head runs on B rows instead of B*T, for callers that read
+    one position per row (a prefill's last prompt token, a letter-choice eval)."""
+    rows = jnp.arange(x.shape[0])
+    return softcap_logits(head_raw(params, s, x[rows, at][:, None], x_mid[rows, at][:, None]), s)[:, 0]
+
+
 # Rows per chunk of the fused head. CPU, measured at the runcpu config (in-process A/B of fwd+bwd):
 # 2048 rows vs 1024 is 0.965x time at B=4 (one chunk: no scan, no (C,V) d(W) accumulation) and 1.0x
 # at B=8; 4096 (one chunk at B=8) is 1.05x, its logits' passes no longer near the caches.
@@ -427,7 +435,6 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
     if targets is not None:
         return head_loss_of(params, s, head_hidden(params, s, x, x_mid), targets, loss_reduction)
     if logits_at is not None:
-        rows = jnp.arange(B)
-        return softcap_logits(head_raw(params, s, x[rows, logits_at][:, None], x_mid[rows, logits_at][:, None]), s)[:, 0]
+        return logits_at_positions(params, s, x, x_mid, logits_at)
     raw = with_logical_constraint(head_raw(params, s, x, x_mid), ("batch", "seq", "vocab"))
     return softcap_logits(raw, s)

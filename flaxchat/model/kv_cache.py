@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxchat.model.attention import cached_attention, cached_attention_before_write, rope_table
-from flaxchat.model.gpt import (ModelSpec, block_out, block_qkv, embed_tokens, head_raw, layer_inputs, smear,
-                                softcap_logits, value_rows)
+from flaxchat.model.gpt import (ModelSpec, block_out, block_qkv, embed_tokens, head_raw, layer_inputs,
+                                logits_at_positions, smear, softcap_logits, value_rows)
 
 
 class KVCache(NamedTuple):
@@ -118,11 +118,10 @@ def decode(params: dict, spec: ModelSpec, cache: KVCache, idx: jax.Array,
         x = block_out(s, layer, x, y)
         if i == s.backout_layer:
             x_mid = x
-    if logits_at is not None:
-        x, x_mid = x[rows[:, 0], logits_at][:, None], x_mid[rows[:, 0], logits_at][:, None]      # (B,1,C)
-    logits = softcap_logits(head_raw(params, s, x, x_mid), s)
-    if logits_at is not None:
-        logits = logits[:, 0]
+    if logits_at is None:
+        logits = softcap_logits(head_raw(params, s, x, x_mid), s)
+    else:
+        logits = logits_at_positions(params, s, x, x_mid, logits_at)
     return logits, KVCache(keys=tuple(keys), values=tuple(values), pos=cache.pos + T, prev_embed=x_emb[:, -1])
 
 
