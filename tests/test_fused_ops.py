@@ -13,7 +13,7 @@ from flax import nnx
 from flaxchat.config import ModelConfig
 from flaxchat.model.attention import causal_attention, window_mask
 from flaxchat.model.chunked_attention import chunked_attention, num_blocks
-from flaxchat.model.fused_head import chunk_len, head_loss, head_nll
+from flaxchat.model.fused_head import chunk_len, head_loss, head_nll, head_nll_argmax
 from flaxchat.model.gpt import GPT, gpt_forward
 from flaxchat.model.linear import linear
 
@@ -99,6 +99,18 @@ def test_head_nll_per_token_equals_autodiff(head_inputs, chunk):
     gf = jax.grad(lambda h, w: (head_nll(h, w, tgt, SOFTCAP, VOCAB, chunk) * g).sum(), argnums=(0, 1))(h, w)
     gp = jax.grad(lambda h, w: (plain_nll(h, w, tgt) * g).sum(), argnums=(0, 1))(h, w)
     assert_trees_close(gf, gp)
+
+
+@pytest.mark.parametrize("chunk", [12, 4])
+def test_head_nll_argmax_equals_the_full_logits(head_inputs, chunk):
+    """CORE eval's forward-only head: per-token nll and the argmax over the real vocab (a padded
+    column with the largest raw logit must not win)."""
+    h, w, tgt = head_inputs
+    w = w.at[:, VOCAB:].set(50.0)
+    nll, top = head_nll_argmax(h, w, tgt, SOFTCAP, VOCAB, chunk)
+    np.testing.assert_allclose(nll, plain_nll(h, w, tgt), rtol=1e-6, atol=1e-6)
+    z = SOFTCAP * jnp.tanh(jnp.matmul(h, w)[..., :VOCAB] / SOFTCAP)
+    assert top.dtype == jnp.int32 and np.array_equal(top, jnp.argmax(z, axis=-1))
 
 
 def test_head_keeps_compute_dtype(head_inputs):

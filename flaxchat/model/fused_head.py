@@ -14,6 +14,7 @@ O(B*T) statistics or the small gradients leave a chunk:
 - `head_nll` (reduction 'none', per-token losses for GRPO and eval): the cotangent is per token, so
   the forward keeps only the log-sum-exp (B,T) and the backward recomputes each chunk's logits
   (4 matmuls instead of 3, but no (B,T,V) residual).
+- `head_nll_argmax` (forward only, CORE eval): per-token nll and the greedy prediction per position.
 
 Numerics are those of the unfused path: the matmul runs in the compute dtype and returns it (like
 nanochat's Linear); softcap, softmax and loss are fp32; columns >= vocab_size (padding) are masked;
@@ -157,3 +158,18 @@ def _head_nll_bwd(softcap, vocab, chunk, res, g):
 
 
 head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)
+
+
+# ------------------------------------------------------------------ forward only: nll and argmax (CORE eval)
+def head_nll_argmax(h: jax.Array, w: jax.Array, targets: jax.Array, softcap: float, vocab: int,
+                    chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(per-token nll (B,T) fp32, 0 where targets == -1; argmax (B,T) int32 over the vocab) of the
+    softcapped logits h @ w, chunk by chunk (tanh is monotonic, so the argmax of t is the logits')."""
+    def body(_, xs):
+        hc, tc = xs
+        t, _, _, nll, cols = _logits(hc, w, tc, softcap, vocab)
+        if vocab < t.shape[-1]:
+            t = jnp.where(cols < vocab, t, -jnp.inf)
+        return None, (nll, jnp.argmax(t, axis=-1).astype(jnp.int32))
+    _, (nll, top) = jax.lax.scan(body, None, (_chunks(h, chunk), _chunks(targets, chunk)))
+    return _unchunks(nll), _unchunks(top)

@@ -384,6 +384,11 @@ HEAD_CHUNK_ROWS = {"cpu": 2048}
 HEAD_CHUNK_ROWS_DEFAULT = 8192
 
 
+def head_chunk_len(B: int, T: int) -> int:
+    """Sequence positions per chunk of the fused head for a (B,T) batch on this backend."""
+    return chunk_len(B, T, HEAD_CHUNK_ROWS.get(jax.default_backend(), HEAD_CHUNK_ROWS_DEFAULT))
+
+
 def head_loss_of(params: dict, s: ModelSpec, h: jax.Array, targets: jax.Array, reduction: str) -> jax.Array:
     """The loss of the softcapped logits of h (B,T,C) through flaxchat.model.fused_head (the (B,T,V)
     logits are never stored): 'mean' over non-ignored tokens (0 when none, where torch gives NaN),
@@ -391,8 +396,7 @@ def head_loss_of(params: dict, s: ModelSpec, h: jax.Array, targets: jax.Array, r
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"loss_reduction={reduction!r} must be 'mean', 'sum' or 'none'")
     B, T = targets.shape
-    rows = HEAD_CHUNK_ROWS.get(jax.default_backend(), HEAD_CHUNK_ROWS_DEFAULT)
-    chunk = chunk_len(B, T, rows)
+    chunk = head_chunk_len(B, T)
     w = params["lm_head"].astype(s.dtype)
     h = with_logical_constraint(h, RESIDUAL_AXES)
     if reduction == "none":
@@ -407,6 +411,18 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
     """Full-sequence forward. idx (B,T) int32 -> logits (B,T,vocab) fp32, or the loss if targets given.
     logits_at (B,) int32: only position logits_at[b] of row b gets logits, -> (B,vocab) (what a
     letter-choice eval reads; the head then runs on B rows instead of B*T)."""
+    x, x_mid = gpt_trunk(params, s, idx)
+    if targets is not None:
+        return head_loss_of(params, s, head_hidden(params, s, x, x_mid), targets, loss_reduction)
+    if logits_at is not None:
+        return logits_at_positions(params, s, x, x_mid, logits_at)
+    raw = with_logical_constraint(head_raw(params, s, x, x_mid), ("batch", "seq", "vocab"))
+    return softcap_logits(raw, s)
+
+
+def gpt_trunk(params: dict, s: ModelSpec, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Everything before the head: idx (B,T) int32 -> (final residual x, backout capture x_mid), both
+    (B,T,C) in the compute dtype (`head_hidden` turns them into the head's input)."""
     B, T = idx.shape
     pos = jnp.arange(T, dtype=jnp.int32)
     x = embed_tokens(params, s, idx)
@@ -432,9 +448,4 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
     unroll = s.n_layer if s.cpu_train_path else 1
     (x, x_mid), _ = jax.lax.scan(remat_wrap(constrained, s), (x, jnp.zeros_like(x)), layer_inputs(params, s),
                                  unroll=unroll)
-    if targets is not None:
-        return head_loss_of(params, s, head_hidden(params, s, x, x_mid), targets, loss_reduction)
-    if logits_at is not None:
-        return logits_at_positions(params, s, x, x_mid, logits_at)
-    raw = with_logical_constraint(head_raw(params, s, x, x_mid), ("batch", "seq", "vocab"))
-    return softcap_logits(raw, s)
+    return x, x_mid
