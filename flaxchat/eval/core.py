@@ -20,7 +20,7 @@ How it runs: every task's rows (one per option) are prepared on the host, groupe
 (a power of two, >= 32, <= sequence_len), and scored `batch_rows` rows at a time (padded with
 BOS) by ONE jitted function returning per-position losses and argmax predictions from a single
 forward, so a whole CORE run compiles at most one program per bucket. Its head runs chunk by chunk
-(`fused_head.head_nll_argmax`): the (rows, L, vocab) fp32 logits are never stored (8.06 -> 0.67 GiB
+(`gpt.gpt_nll_argmax`): the (rows, L, vocab) fp32 logits are never stored (8.06 -> 0.67 GiB
 of compiled temp memory at 16 rows x 2048 tokens, vocab 65536). Batches are dispatched one
 ahead of the host reduction (JAX's async dispatch overlaps the two). Any example that cannot be
 prepared raises `EvalError` naming the task label and the example index; nothing is silently scored.
@@ -42,8 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxchat.eval.bundle import CoreTask, EvalError
-from flaxchat.model.fused_head import head_nll_argmax
-from flaxchat.model.gpt import gpt_trunk, head_chunk_len, head_hidden
+from flaxchat.model.gpt import gpt_nll_argmax
 
 FEWSHOT_SEED = 1234
 MIN_BUCKET = 32
@@ -199,11 +198,7 @@ def _score_rows(spec, params, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     is the cross-entropy of tokens[:, t+1] (NaN in the last column, as nanochat); argmax[:, t] the
     greedy prediction for position t+1."""
     TRACE_COUNT[0] += 1
-    # the head chunk by chunk (flaxchat.model.fused_head): the (R,L,V) fp32 logits are never stored
-    x, x_mid = gpt_trunk(params, spec, tokens)
-    R, L = tokens.shape
-    losses, top = head_nll_argmax(head_hidden(params, spec, x, x_mid), params["lm_head"].astype(spec.dtype),
-                                  jnp.roll(tokens, -1, axis=1), spec.softcap, spec.vocab_size, head_chunk_len(R, L))
+    losses, top = gpt_nll_argmax(params, spec, tokens, jnp.roll(tokens, -1, axis=1))   # (R,L,V) logits never stored
     return losses.at[:, -1].set(jnp.nan), top
 
 

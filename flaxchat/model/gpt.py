@@ -51,7 +51,7 @@ from flax.core import spmd as flax_spmd
 
 from flaxchat.model.attention import QK_SCALE, apply_rotary, causal_attention, resolve_attention_impl, rms_norm, rope_table
 from flaxchat.config import ModelConfig
-from flaxchat.model.fused_head import head_loss, head_nll, chunk_len
+from flaxchat.model.fused_head import head_loss, head_nll, head_nll_argmax, chunk_len
 from flaxchat.model.linear import linear
 from flaxchat.mesh import with_logical_constraint   # no-op outside flaxchat.mesh.mesh_context
 
@@ -418,6 +418,15 @@ def gpt_forward(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array |
         return logits_at_positions(params, s, x, x_mid, logits_at)
     raw = with_logical_constraint(head_raw(params, s, x, x_mid), ("batch", "seq", "vocab"))
     return softcap_logits(raw, s)
+
+
+def gpt_nll_argmax(params: dict, s: ModelSpec, idx: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Forward only (CORE eval): per-token nll (B,T) fp32 of targets (0 where -1) and each position's
+    greedy prediction (B,T) int32, through the chunked head (the (B,T,V) logits are never stored)."""
+    x, x_mid = gpt_trunk(params, s, idx)
+    h = with_logical_constraint(head_hidden(params, s, x, x_mid), RESIDUAL_AXES)
+    return head_nll_argmax(h, params["lm_head"].astype(s.dtype), targets, s.softcap, s.vocab_size,
+                           head_chunk_len(*idx.shape))
 
 
 def gpt_trunk(params: dict, s: ModelSpec, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
