@@ -176,7 +176,7 @@ class WorkerPool:
             self._run(engine, job)
 
     def _run(self, engine: EngineLike, job: _Job) -> None:
-        produced, outcome = 0, "stop"
+        produced, outcome, final = 0, "stop", None
         p = job.params
         tokens = None
         try:
@@ -196,10 +196,10 @@ class WorkerPool:
                     break
             if job.cancelled.is_set():
                 outcome = "cancelled"
-            job.deliver(("done", outcome))
+            final = ("done", outcome)
         except Exception as exc:  # report to the client; the worker itself lives on
             outcome = "error"
-            job.deliver(("error", f"generation failed: {type(exc).__name__}: {exc}"))
+            final = ("error", f"generation failed: {type(exc).__name__}: {exc}")
         finally:
             close = getattr(tokens, "close", None)
             if close is not None:
@@ -216,6 +216,10 @@ class WorkerPool:
                     self._errors += 1
                 else:
                     self._served += 1
+            # the last event goes out after the accounting, so a client that has seen its request
+            # end never reads /stats from before it (it did: requests_failed 0, workers_busy 1)
+            if final is not None:
+                job.deliver(final)
 
 
 class ScriptedEngine:
